@@ -1,0 +1,117 @@
+"""Decoder-block forward with explicit positions and masks, over an unmodified mlx-lm block.
+
+mlx-lm blocks take positions from `cache.offset` (one scalar) and build causal masks themselves;
+tree verification needs a per-token position and an arbitrary mask, and stream layers need rows
+that are never cached. This module re-composes a block from the block's own submodules
+(norms, projections, RoPE, MLP) instead of copying mlx-lm model files. One function serves
+llama/mistral, qwen2, qwen3 (q/k norms) and phi3 (fused qkv and gate_up).
+"""
+
+from typing import Any, NamedTuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.activations import swiglu
+
+from .attention import rope_at
+
+
+class StreamRows(NamedTuple):
+    """How the stream rows of a hidden-state matrix are laid out, and their adapters.
+
+    Rows [n_main, n_main + T*G) are streams, ordered (node, stream). `adapters` maps a module
+    path (e.g. "self_attn.q_proj") to (a (G, in, r), b (G, r, out)).
+    """
+
+    n_main: int
+    num_streams: int
+    adapters: dict[str, tuple[mx.array, mx.array]]
+    scale: float
+
+
+def _linear(module: nn.Module, x: mx.array, name: str, rows: StreamRows | None) -> mx.array:
+    """module(x), plus the stream-only low-rank adapter of `name` on stream rows."""
+    y = module(x)
+    if rows is None or name not in rows.adapters:
+        return y
+    a, b = rows.adapters[name]
+    G = rows.num_streams
+    xs = x[0, rows.n_main :]  # (T*G, in)
+    T = xs.shape[0] // G
+    xs = xs.reshape(T, G, -1).transpose(1, 0, 2)  # (G, T, in)
+    delta = ((xs @ a.astype(xs.dtype)) @ b.astype(xs.dtype)) * rows.scale  # (G, T, out)
+    delta = delta.transpose(1, 0, 2).reshape(T * G, -1)
+    return mx.concatenate([y[:, : rows.n_main], y[:, rows.n_main :] + delta[None]], axis=1)
+
+
+def _qkv(attn: nn.Module, x: mx.array, rows: StreamRows | None):
+    if hasattr(attn, "qkv_proj"):
+        qkv = _linear(attn.qkv_proj, x, "self_attn.qkv_proj", rows)
+        hd = qkv.shape[-1] // (attn.n_heads + 2 * attn.n_kv_heads)
+        q_size, kv_size = attn.n_heads * hd, attn.n_kv_heads * hd
+        return mx.split(qkv, [q_size, q_size + kv_size], axis=-1)
+    return (
+        _linear(attn.q_proj, x, "self_attn.q_proj", rows),
+        _linear(attn.k_proj, x, "self_attn.k_proj", rows),
+        _linear(attn.v_proj, x, "self_attn.v_proj", rows),
+    )
+
+
+def attention(
+    attn: nn.Module,
+    x: mx.array,
+    positions: mx.array,
+    mask: mx.array,
+    cache: Any | None,
+    rows: StreamRows | None,
+) -> mx.array:
+    """Self-attention of one block.
+
+    x: (1, L, D) with L = n_main (+ T*G stream rows); positions: (L,); mask: (L, P + L) bool over
+    [cached context ; main rows ; stream rows]. Only the main rows' K/V go into `cache`.
+    """
+    B, L, _ = x.shape
+    n_main = L if rows is None else rows.n_main
+    q, k, v = _qkv(attn, x, rows)
+    q = q.reshape(B, L, attn.n_heads, -1)
+    k = k.reshape(B, L, attn.n_kv_heads, -1)
+    v = v.reshape(B, L, attn.n_kv_heads, -1)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (1, H, L, Dh)
+    q = rope_at(attn.rope, q, positions)
+    k = rope_at(attn.rope, k, positions)
+    k_main, v_main = k[:, :, :n_main], v[:, :, :n_main]
+    if cache is not None:
+        k_main, v_main = cache.update_and_fetch(k_main, v_main)  # (1, Hkv, P + n_main, Dh)
+    if n_main < L:
+        # Stream K/V join this call only; they are never cached.
+        k_main = mx.concatenate([k_main, k[:, :, n_main:]], axis=2)
+        v_main = mx.concatenate([v_main, v[:, :, n_main:]], axis=2)
+    out = mx.fast.scaled_dot_product_attention(q, k_main, v_main, scale=attn.scale, mask=mask)
+    out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+    return _linear(attn.o_proj, out, "self_attn.o_proj", rows)
+
+
+def mlp(module: nn.Module, x: mx.array, rows: StreamRows | None) -> mx.array:
+    if rows is None or not any(n.startswith("mlp.") for n in rows.adapters):
+        return module(x)
+    if hasattr(module, "gate_up_proj"):
+        gate, up = mx.split(_linear(module.gate_up_proj, x, "mlp.gate_up_proj", rows), 2, axis=-1)
+    else:
+        gate = _linear(module.gate_proj, x, "mlp.gate_proj", rows)
+        up = _linear(module.up_proj, x, "mlp.up_proj", rows)
+    return _linear(module.down_proj, swiglu(gate, up), "mlp.down_proj", rows)
+
+
+def block(
+    layer: nn.Module,
+    x: mx.array,
+    positions: mx.array,
+    mask: mx.array,
+    cache: Any | None,
+    rows: StreamRows | None = None,
+) -> mx.array:
+    """One pre-norm decoder block (the structure shared by every supported family)."""
+    h = x + attention(layer.self_attn, layer.input_layernorm(x), positions, mask, cache, rows)
+    return h + mlp(layer.mlp, layer.post_attention_layernorm(h), rows)

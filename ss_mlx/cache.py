@@ -1,0 +1,48 @@
+"""KV-cache handling for tree steps: accepted-branch compaction and validation.
+
+A tree step appends the K/V of all T tree nodes at cache positions [P, P + T). After
+verification only the root and the accepted path survive: their rows are gathered to the
+contiguous positions [P, P + n) and the offset is set to P + n; rows past the offset are
+overwritten by the next step.
+"""
+
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+
+def make_cache(base: Any) -> list[KVCache]:
+    """A fresh prompt cache for `base`, refusing caches a tree step cannot rewind."""
+    cache = make_prompt_cache(base)
+    check_cache(cache)
+    return cache
+
+
+def check_cache(cache: list[Any]) -> None:
+    bad = sorted({type(c).__name__ for c in cache if type(c) is not KVCache})
+    if bad:
+        raise ValueError(
+            f"Speculative Streaming needs a plain, trimmable KVCache in every layer; this "
+            f"model/cache uses {', '.join(bad)} (sliding-window, rotating, quantized or "
+            f"recurrent caches cannot drop rejected tree nodes)"
+        )
+
+
+def commit_path(cache: list[KVCache], start: int, path: mx.array, keep: int) -> None:
+    """Keep the accepted branch of the last tree step.
+
+    start: the cache offset before the step (P); path: (D + 1,) node indices from the root
+    (padded past the accepted length); keep: how many of them are accepted (root included).
+    """
+    rows = start + path  # (D + 1,)
+    end = start + path.shape[0]
+    for c in cache:
+        c.keys[..., start:end, :] = c.keys[..., rows, :]
+        c.values[..., start:end, :] = c.values[..., rows, :]
+        c.offset = start + keep
+
+
+def trim(cache: list[KVCache], n: int) -> None:
+    for c in cache:
+        c.offset -= min(n, c.offset)

@@ -1,0 +1,333 @@
+"""The Speculative Streaming decoding loop, the mlx-lm-style API around it, and `ss-mlx generate`."""
+
+import argparse
+import sys
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import mlx.core as mx
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .cache import check_cache, commit_path, make_cache, trim
+from .model import SSModel
+from .tree import TreeSpec, default_tree, root_only
+from .verify import greedy_verify
+
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_PROMPT = "Write a haiku about speculative decoding."
+
+
+class StepToken(NamedTuple):
+    """One emitted token of `ss_generate_step`."""
+
+    token: int
+    from_draft: bool  # True when it was a verified draft token
+    accepted: int  # draft tokens accepted in the forward pass that emitted it
+    step: int  # index of that forward pass (0 = the pass right after prefill)
+
+
+@dataclass
+class GenerationResponse:
+    """The output of :func:`stream_generate` (mlx-lm's fields plus speculation statistics).
+
+    Args:
+        text: the next segment of decoded text (may be empty).
+        token: the next token.
+        from_draft: whether the token was a verified draft token.
+        accepted: draft tokens accepted in the forward pass that produced this token.
+        prompt_tokens, prompt_tps: prompt size and prefill speed (tokens/s).
+        generation_tokens, generation_tps: tokens generated so far and their rate.
+        forward_passes: decoding forward passes so far; tokens_per_pass = tokens / passes.
+        peak_memory: peak memory so far in GB.
+        finish_reason: "stop" (EOS), "length" (max_tokens) or None.
+    """
+
+    text: str
+    token: int
+    from_draft: bool
+    accepted: int
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    forward_passes: int
+    tokens_per_pass: float
+    peak_memory: float
+    finish_reason: str | None = None
+    logprobs: mx.array | None = None
+
+
+def resolve_tree(model: SSModel, tree: TreeSpec | str | dict | None) -> TreeSpec:
+    """The draft tree to use: the argument, else the model config's, else a default."""
+    if tree is None:
+        tree = model.cfg.tree
+    if tree is None:
+        spec = default_tree(model.num_streams)
+    elif isinstance(tree, TreeSpec):
+        spec = tree
+    elif isinstance(tree, str):
+        spec = TreeSpec.parse(tree)
+    elif isinstance(tree, dict):
+        spec = TreeSpec.from_dict(tree)
+    else:
+        raise ValueError(f"tree must be a TreeSpec, a spec string or a dict, got {type(tree)}")
+    if spec.depth > model.num_streams:
+        raise ValueError(
+            f"the draft tree is {spec.depth} deep but the model has only {model.num_streams} "
+            "speculative streams"
+        )
+    return spec
+
+
+def _check_prompt(prompt: mx.array, model: SSModel, max_tokens: int) -> None:
+    if prompt.ndim != 1 or prompt.size == 0:
+        raise ValueError("the prompt is empty; give at least one token")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    vocab = model.inner.embed_tokens.weight.shape[0]
+    lo, hi = mx.min(prompt).item(), mx.max(prompt).item()
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"prompt token ids must be in [0, {vocab}), got range [{lo}, {hi}]")
+    limit = getattr(model.base.args, "max_position_embeddings", None)
+    if limit and prompt.size >= limit:
+        raise ValueError(
+            f"the prompt has {prompt.size} tokens but the model's context is {limit} tokens"
+        )
+
+
+def ss_generate_step(
+    prompt: mx.array,
+    model: SSModel,
+    *,
+    tree: TreeSpec | str | dict | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    prompt_cache: list[Any] | None = None,
+    prefill_step_size: int = 2048,
+) -> Generator[StepToken, None, None]:
+    """Greedy Speculative Streaming: yields tokens identical to greedy autoregressive decoding.
+
+    Each forward pass verifies the previous draft tree and drafts the next one from the
+    streams of the deepest accepted node, with one host sync per pass.
+
+    Args:
+        prompt: (L,) token ids.
+        model: the SS model.
+        tree: draft tree (TreeSpec, CLI string like "3,2,1", or dict); default from the config.
+        max_tokens: how many tokens to generate (>= 1).
+        prompt_cache: a cache from an earlier call to continue from (updated in place). On
+            return it holds the prompt and every emitted token except the last, as mlx-lm's.
+        prefill_step_size: prompt chunk size for prefill.
+    """
+    spec = resolve_tree(model, tree)
+    _check_prompt(prompt, model, max_tokens)
+    cache = make_cache(model.base) if prompt_cache is None else prompt_cache
+    check_cache(cache)
+
+    # Prefill all but the last prompt token through the unmodified model.
+    body = prompt[:-1]
+    while body.size > 0:
+        n = min(prefill_step_size, body.size)
+        model.base(body[:n][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        body = body[n:]
+
+    root = prompt[-1:].astype(mx.int32)  # (1,)
+    draft = mx.zeros((0,), dtype=mx.int32)
+    step_tree = root_only()
+    emitted = 0
+    pending_trim = 0
+    try:
+        for step in range(max_tokens):
+            start = cache[0].offset
+            tokens = mx.concatenate([root, draft])  # (T,)
+            main_logits, stream_h = model.tree_forward(
+                tokens, start + step_tree.depths, step_tree.ancestor_mask, cache
+            )
+            verdict = greedy_verify(step_tree, tokens, main_logits)
+            next_draft = spec.draft_tokens(model.head(stream_h[verdict.best, : spec.depth]))
+            path_tokens = tokens[verdict.path]
+            mx.eval(verdict.accepted, verdict.path, path_tokens, verdict.next_token, next_draft)
+            n = verdict.accepted.item()
+            commit_path(cache, start, verdict.path, n + 1)
+            out = path_tokens[1 : n + 1].tolist() + [verdict.next_token.item()]
+            for i, token in enumerate(out):
+                # If generation stops after this token, the cache keeps everything up to it
+                # but not it: the n - i accepted rows after it are dropped.
+                pending_trim = n - i
+                yield StepToken(token, i < n, n, step)
+                emitted += 1
+                if emitted == max_tokens:
+                    return
+            pending_trim = 0
+            root, draft, step_tree = verdict.next_token[None].astype(mx.int32), next_draft, spec
+    finally:
+        trim(cache, pending_trim)
+
+
+def _encode(tokenizer: TokenizerWrapper, prompt: Any, apply_chat_template: bool,
+            system_prompt: str | None) -> mx.array:
+    if isinstance(prompt, mx.array):
+        return prompt.astype(mx.int32)
+    if isinstance(prompt, str):
+        if apply_chat_template and getattr(tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": prompt}]
+            if system_prompt:
+                messages.insert(0, {"role": "system", "content": system_prompt})
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            if isinstance(ids, str):
+                ids = tokenizer.encode(ids, add_special_tokens=False)
+            elif isinstance(ids, dict):  # transformers >= 5 may return a BatchEncoding
+                ids = ids["input_ids"]
+            return mx.array(ids, dtype=mx.int32)
+        add_special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
+        return mx.array(tokenizer.encode(prompt, add_special_tokens=add_special), dtype=mx.int32)
+    if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+        return mx.array(list(prompt), dtype=mx.int32)
+    raise ValueError("prompt must be a string, a list of token ids or an mx.array")
+
+
+def stream_generate(
+    model: SSModel,
+    tokenizer: Any,
+    prompt: str | Sequence[int] | mx.array,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    *,
+    apply_chat_template: bool = False,
+    system_prompt: str | None = None,
+    **kwargs: Any,
+) -> Generator[GenerationResponse, None, None]:
+    """Generate text with Speculative Streaming, yielding one response per token.
+
+    Args:
+        model: an SSModel from :func:`ss_mlx.load`.
+        tokenizer: its tokenizer.
+        prompt: text, or token ids.
+        max_tokens: maximum number of tokens to generate.
+        apply_chat_template: wrap a text prompt as a user message with the tokenizer's chat
+            template (when it has one). Default: ``False``, as in mlx-lm's API.
+        system_prompt: system message used with the chat template.
+        kwargs: passed to :func:`ss_generate_step` (``tree``, ``prompt_cache``, ...).
+    """
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    ids = _encode(tokenizer, prompt, apply_chat_template, system_prompt)
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    eos = set(tokenizer.eos_token_ids)
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    prompt_tps = 0.0
+    passes = 0
+    token, finish = None, "length"
+    n = 0
+
+    def response(text: str, st: StepToken, count: int, reason: str | None) -> GenerationResponse:
+        elapsed = time.perf_counter() - tic
+        return GenerationResponse(
+            text=text,
+            token=st.token,
+            from_draft=st.from_draft,
+            accepted=st.accepted,
+            prompt_tokens=ids.size,
+            prompt_tps=prompt_tps,
+            generation_tokens=count,
+            generation_tps=count / elapsed if elapsed > 0 else 0.0,
+            forward_passes=passes,
+            tokens_per_pass=count / max(passes, 1),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=reason,
+        )
+
+    gen = ss_generate_step(ids, model, max_tokens=max_tokens, **kwargs)
+    st = None
+    try:
+        for n, st in enumerate(gen):
+            if n == 0:
+                # The first token comes from the pass right after prefill: count it as prompt time.
+                prompt_tps = ids.size / (time.perf_counter() - tic)
+                tic = time.perf_counter()
+            passes = st.step + 1
+            token = st.token
+            if token in eos:
+                finish = "stop"
+                break
+            detokenizer.add_token(token)
+            if n + 1 == max_tokens:
+                break
+            yield response(detokenizer.last_segment, st, n + 1, None)
+    finally:
+        gen.close()
+    if st is None:
+        return
+    detokenizer.finalize()
+    yield response(detokenizer.last_segment, st, n + 1, finish)
+
+
+def generate(
+    model: SSModel,
+    tokenizer: Any,
+    prompt: str | Sequence[int] | mx.array,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    verbose: bool = False,
+    **kwargs: Any,
+) -> str:
+    """Generate a complete response; with ``verbose`` print it as it comes, then statistics."""
+    text = ""
+    last = None
+    for last in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):
+        if verbose:
+            print(last.text, end="", flush=True)
+        text += last.text
+    if verbose and last is not None:
+        print()
+        print("=" * 10)
+        print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
+        print(f"Generation: {last.generation_tokens} tokens, "
+              f"{last.generation_tps:.3f} tokens-per-sec")
+        print(f"Forward passes: {last.forward_passes}, "
+              f"{last.tokens_per_pass:.2f} tokens per pass")
+        print(f"Peak memory: {last.peak_memory:.3f} GB")
+    return text
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ss-mlx generate", description="Generate text with Speculative Streaming."
+    )
+    p.add_argument("--model", help="SS model directory (default: the embedded default model)")
+    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="prompt text ('-' reads stdin)")
+    p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--tree", help="draft tree: widths '3,2,1', widths with node budget "
+                   "'4,2,1:8', a JSON list of rank paths, or a .json file")
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--ignore-chat-template", action="store_true",
+                   help="feed the prompt as raw text, without the chat template")
+    p.add_argument("--verbose", action="store_true", help="print speed and acceptance statistics")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = setup_arg_parser().parse_args(argv)
+    from .loader import load
+
+    try:
+        if args.model is None:
+            from .default_model import ensure_default_model
+
+            args.model = ensure_default_model()
+        model, tokenizer = load(args.model)
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        text = generate(
+            model, tokenizer, prompt, args.max_tokens, verbose=args.verbose, tree=args.tree,
+            apply_chat_template=not args.ignore_chat_template, system_prompt=args.system_prompt,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"ss-mlx generate: error: {e}")
+    if not args.verbose:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

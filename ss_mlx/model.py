@@ -1,0 +1,127 @@
+"""SSModel: an mlx-lm model plus speculative streams in its top layers."""
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import arch
+from .attention import stream_mask, with_context
+from .config import SSConfig
+from .streams import StreamParams
+
+
+class SSModel(nn.Module):
+    """Wraps a loaded mlx-lm model (`base`) without modifying it.
+
+    The base model still runs ordinary prefill (`base(tokens, cache=cache)`); `tree_forward` runs
+    one verify+speculate pass; `full_forward` runs every position with its streams (the training
+    view, used by the parity gate and tests).
+    """
+
+    def __init__(self, base: nn.Module, cfg: SSConfig, streams: StreamParams):
+        super().__init__()
+        self.base = base
+        self.cfg = cfg
+        self.streams = streams
+        self.num_layers = len(base.layers)
+        self.first_stream_layer = self.num_layers - cfg.stream_layers
+        self.model_type = base.model_type
+        self._offsets = mx.array(cfg.stream_position_offsets())  # (G,)
+
+    @property
+    def inner(self) -> nn.Module:
+        return self.base.model
+
+    @property
+    def num_streams(self) -> int:
+        return self.cfg.num_streams
+
+    def head(self, h: mx.array) -> mx.array:
+        """Final norm + LM head, shared by main and stream rows. h: (..., D) -> (..., V)."""
+        h = self.inner.norm(h)
+        if hasattr(self.base, "lm_head"):
+            return self.base.lm_head(h)
+        return self.inner.embed_tokens.as_linear(h)
+
+    def make_cache(self) -> list[Any]:
+        return self.base.make_cache() if hasattr(self.base, "make_cache") else None
+
+    def _forward(
+        self,
+        tokens: mx.array,
+        positions: mx.array,
+        main_mask: mx.array,
+        cache: list[Any] | None,
+    ) -> tuple[mx.array, mx.array]:
+        """Run T main tokens (a tree or a sequence) and their G streams through the model.
+
+        tokens, positions: (T,); main_mask: (T, T) bool (tree ancestors + self, or causal).
+        Returns main hidden states (1, T, D) and stream hidden states (1, T*G, D), both before
+        the final norm.
+        """
+        T, G = tokens.shape[0], self.num_streams
+        context = cache[0].offset if cache else 0
+        cache = cache or [None] * self.num_layers
+        h = self.inner.embed_tokens(tokens[None])  # (1, T, D)
+        mask = with_context(main_mask, context)
+        layers = self.inner.layers
+        for i in range(self.first_stream_layer):
+            h = arch.block(layers[i], h, positions, mask, cache[i])
+
+        # Eq. 3 with f_eta = identity: S_{t,j} = M_t + P_j.
+        P = self.streams.stream_embeddings.astype(h.dtype)  # (G, D)
+        s = (h[0, :, None, :] + P[None]).reshape(1, T * G, -1)  # (1, T*G, D)
+        x = mx.concatenate([h, s], axis=1)  # (1, T + T*G, D)
+        stream_pos = (positions[:, None] + self._offsets[None]).reshape(-1)  # (T*G,)
+        all_pos = mx.concatenate([positions, stream_pos])
+        mask = with_context(stream_mask(main_mask, G), context)
+        for i in range(self.first_stream_layer, self.num_layers):
+            rows = self.streams.rows(i, T)
+            x = arch.block(layers[i], x, all_pos, mask, cache[i], rows)
+        return x[:, :T], x[:, T:]
+
+    def tree_forward(
+        self,
+        tokens: mx.array,
+        positions: mx.array,
+        ancestor_mask: mx.array,
+        cache: list[Any],
+    ) -> tuple[mx.array, mx.array]:
+        """One verify+speculate pass over a flattened draft tree.
+
+        The tree's main K/V are appended to `cache` tentatively (see `cache.commit_path`).
+        Returns main logits (T, V) and stream hidden states (T, G, D): the LM head is applied
+        to streams only at the node that gets accepted, which the caller picks.
+        """
+        main, streams = self._forward(tokens, positions, ancestor_mask, cache)
+        T = tokens.shape[0]
+        return self.head(main[0]), streams[0].reshape(T, self.num_streams, -1)
+
+    def full_forward(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
+        """Every position with its streams, no cache (the training-time computation).
+
+        tokens: (1, L). Returns main logits (1, L, V) and stream logits (1, L, G, V).
+        """
+        if tokens.ndim != 2 or tokens.shape[0] != 1:
+            raise ValueError(f"full_forward expects tokens of shape (1, L), got {tokens.shape}")
+        L = tokens.shape[1]
+        causal = mx.tril(mx.ones((L, L), dtype=mx.bool_))
+        main, streams = self._forward(tokens[0], mx.arange(L), causal, None)
+        return self.head(main), self.head(streams).reshape(1, L, self.num_streams, -1)
+
+    def exit_logits(self, tokens: mx.array) -> mx.array:
+        """Early-exit logits at the stream insertion point (needs `prune_rank` > 0).
+
+        tokens: (1, L) -> (1, L, V).
+        """
+        if self.streams.prune is None:
+            raise ValueError("this model has no early-exit adapter (prune_rank is 0)")
+        L = tokens.shape[1]
+        causal = mx.tril(mx.ones((L, L), dtype=mx.bool_))
+        h = self.inner.embed_tokens(tokens)
+        positions = mx.arange(L)
+        for i in range(self.first_stream_layer):
+            h = arch.block(self.inner.layers[i], h, positions, causal, None)
+        a, b = (t.astype(h.dtype) for t in self.streams.prune)
+        return self.head(h + (h @ a) @ b)

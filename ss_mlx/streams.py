@@ -1,0 +1,102 @@
+"""Stream parameters: identifier embeddings P_j, stream-only adapters, early-exit adapter."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .arch import StreamRows
+from .config import SSConfig
+
+
+def expected_shapes(
+    cfg: SSConfig, num_layers: int, module_dims: dict[str, tuple[int, int]], hidden: int
+) -> dict[str, tuple[int, ...]]:
+    """Every tensor the config implies, with its shape (see docs/format.md)."""
+    G, r = cfg.num_streams, cfg.adapter_rank
+    shapes: dict[str, tuple[int, ...]] = {"stream_embeddings": (G, hidden)}
+    for layer in range(num_layers - cfg.stream_layers, num_layers):
+        for name in cfg.adapted_modules:
+            d_in, d_out = module_dims[name]
+            shapes[f"adapters.{layer}.{name}.a"] = (G, d_in, r)
+            shapes[f"adapters.{layer}.{name}.b"] = (G, r, d_out)
+    if cfg.prune_rank > 0:
+        shapes["prune.a"] = (hidden, cfg.prune_rank)
+        shapes["prune.b"] = (cfg.prune_rank, hidden)
+    return shapes
+
+
+def check_tensors(
+    tensors: dict[str, mx.array], shapes: dict[str, tuple[int, ...]], source: str
+) -> None:
+    """Strict match of names and shapes; one error listing every problem."""
+    missing = sorted(shapes.keys() - tensors.keys())
+    extra = sorted(tensors.keys() - shapes.keys())
+    wrong = sorted(
+        f"{k}: expected {shapes[k]}, got {tuple(tensors[k].shape)}"
+        for k in shapes.keys() & tensors.keys()
+        if tuple(tensors[k].shape) != shapes[k]
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {missing}")
+    if extra:
+        problems.append(f"unexpected tensors: {extra}")
+    if wrong:
+        problems.append(f"wrong shapes: {wrong}")
+    if problems:
+        raise ValueError(f"{source} does not match the speculative_streaming config; " +
+                         "; ".join(problems))
+
+
+class StreamParams(nn.Module):
+    """Holds the stream tensors keyed as in the file; never quantized."""
+
+    def __init__(self, cfg: SSConfig, tensors: dict[str, mx.array], first_layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.first_layer = first_layer
+        self.stream_embeddings = tensors["stream_embeddings"]
+        # Keep adapters as a plain dict keyed by layer: module path -> (a, b).
+        self.adapters = {
+            layer: {
+                name: (tensors[f"adapters.{layer}.{name}.a"], tensors[f"adapters.{layer}.{name}.b"])
+                for name in cfg.adapted_modules
+            }
+            for layer in range(first_layer, first_layer + cfg.stream_layers)
+        }
+        self.prune = (tensors["prune.a"], tensors["prune.b"]) if cfg.prune_rank > 0 else None
+
+    def rows(self, layer: int, n_main: int) -> StreamRows:
+        return StreamRows(n_main, self.cfg.num_streams, self.adapters[layer], self.cfg.adapter_scale)
+
+    def tensors(self) -> dict[str, mx.array]:
+        out = {"stream_embeddings": self.stream_embeddings}
+        for layer, mods in self.adapters.items():
+            for name, (a, b) in mods.items():
+                out[f"adapters.{layer}.{name}.a"] = a
+                out[f"adapters.{layer}.{name}.b"] = b
+        if self.prune is not None:
+            out["prune.a"], out["prune.b"] = self.prune
+        return out
+
+
+def random_stream_tensors(
+    shapes: dict[str, tuple[int, ...]],
+    seed: int = 0,
+    embed_scale: float = 0.02,
+    adapter_scale: float = 0.0,
+) -> dict[str, mx.array]:
+    """Fresh stream parameters: small random P_j; adapters `b` zero (off) unless adapter_scale>0."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in shapes.items():
+        if name == "stream_embeddings":
+            arr = rng.normal(0.0, embed_scale, shape)
+        elif name.endswith(".b") and adapter_scale == 0.0:
+            arr = np.zeros(shape)
+        elif name.endswith(".b"):
+            arr = rng.normal(0.0, adapter_scale, shape)
+        else:
+            arr = rng.normal(0.0, 1.0 / np.sqrt(shape[-2]), shape)
+        out[name] = mx.array(arr.astype(np.float32))
+    return out

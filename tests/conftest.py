@@ -1,0 +1,95 @@
+import importlib
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map
+
+import ss_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+from ss_mlx.config import SSConfig
+from ss_mlx.loader import attach_streams, stream_shapes
+from ss_mlx.streams import random_stream_tensors
+
+TINY_ARGS = dict(
+    hidden_size=64,
+    num_hidden_layers=4,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    vocab_size=128,
+    rope_theta=10000.0,
+    max_position_embeddings=1024,
+)
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+ADAPTER_MODULES = {
+    "phi3": ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+}
+DEFAULT_ADAPTERS = ("self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj")
+
+
+def tiny_base(model_type: str, seed: int = 0, **overrides):
+    """A random mlx-lm model of `model_type`, with weights scaled so greedy argmax is decisive."""
+    module = importlib.import_module(
+        f"mlx_lm.models.{'llama' if model_type == 'mistral' else model_type}"
+    )
+    args = dict(TINY_ARGS, model_type=model_type, **overrides)
+    if model_type == "qwen3":
+        args.setdefault("head_dim", 16)
+        args.setdefault("tie_word_embeddings", True)
+    if model_type in ("llama", "mistral"):
+        args.setdefault("tie_word_embeddings", False)
+    model = module.Model(module.ModelArgs.from_dict(args))
+    rng = np.random.default_rng(seed)
+    params = tree_flatten(model.parameters())
+    new = []
+    for name, p in params:
+        if "norm" in name:
+            arr = 1.0 + 0.1 * rng.standard_normal(p.shape)
+        elif "embed" in name:
+            arr = rng.standard_normal(p.shape)
+        else:
+            arr = rng.standard_normal(p.shape) * (1.5 / np.sqrt(p.shape[-1]))
+        new.append((name, mx.array(arr.astype(np.float32))))
+    model.load_weights(new)
+    mx.eval(model.parameters())
+    return model
+
+
+def tiny_ss_model(
+    model_type: str = "llama",
+    num_streams: int = 3,
+    stream_layers: int = 2,
+    adapter_rank: int = 0,
+    position_mode: str = "shifted",
+    prune_rank: int = 0,
+    seed: int = 0,
+    base=None,
+    **overrides,
+):
+    base = base if base is not None else tiny_base(model_type, seed, **overrides)
+    modules = ADAPTER_MODULES.get(model_type, DEFAULT_ADAPTERS) if adapter_rank else ()
+    cfg = SSConfig.from_dict({
+        "num_streams": num_streams,
+        "stream_layers": stream_layers,
+        "stream_position_mode": position_mode,
+        "adapter_rank": adapter_rank,
+        "adapter_modules": list(modules),
+        "adapter_scale": 0.5,
+        "prune_rank": prune_rank,
+    })
+    tensors = random_stream_tensors(
+        stream_shapes(base, cfg), seed=seed + 1, embed_scale=0.5,
+        adapter_scale=0.3 if adapter_rank else 0.0,
+    )
+    return attach_streams(base, cfg, tensors, "test")
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_ss_model("llama")
+
+
+def cast_model(model, dtype):
+    model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
+    return model

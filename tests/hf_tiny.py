@@ -52,3 +52,34 @@ def make_tiny_hf(model_type: str, out_dir: Path, seed: int = 0, **overrides) -> 
                 p.normal_(0.0, 0.08 if "embed" not in name else 0.5)
     model.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
+
+
+# Character-level vocabulary: 4 specials + 83 characters = 87 ids, under TINY_COMMON's vocab_size.
+TINY_SPECIALS = ("<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>")
+TINY_CHARS = "\n abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'\"-()=+*/<>|_"
+CHATML_TEMPLATE = (
+    "{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def make_tiny_tokenizer(out_dir: Path, chat_template: bool = True) -> Path:
+    """Write a character-level HF tokenizer (ChatML template, eos <|im_end|>) to out_dir."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(TINY_SPECIALS + tuple(TINY_CHARS))}
+    assert len(vocab) <= TINY_COMMON["vocab_size"]
+    # BPE without merges = one token per character; unknown characters map to <unk>.
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(list(TINY_SPECIALS))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>"
+    )
+    if chat_template:
+        fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return Path(out_dir)

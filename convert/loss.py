@@ -1,0 +1,117 @@
+"""The Speculative Streaming training loss (eq. 5) and per-stream metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_ce(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, int, int]:
+    """Mean CE over mask==1 positions, their count and the number of top-1 hits.
+
+    logits (..., V), targets/mask (...). An empty mask gives a zero loss that still has a graph.
+    """
+    sel = mask.bool()
+    n = int(sel.sum())
+    if n == 0:
+        return logits.sum() * 0.0, 0, 0
+    # Select first: scoring only response rows saves most of the softmax work on prompts.
+    lg = logits[sel].float()  # (n, V)
+    tg = targets[sel]
+    loss = F.cross_entropy(lg, tg)
+    correct = int((lg.argmax(-1) == tg).sum())
+    return loss, n, correct
+
+
+def ss_loss(
+    main_logits: torch.Tensor | None,
+    stream_logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    alpha0: float = 1.0,
+    alpha_streams: float | Sequence[float] = 0.1,
+    exit_logits: torch.Tensor | None = None,
+    exit_weight: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """eq. 5: alpha0 * CE(main_i -> x_{i+1}) + sum_j alpha_j * CE(stream_{i,j} -> x_{i+1+j}).
+
+    main_logits (B,L,V) or None (term skipped, e.g. a frozen base whose stats come from a cache);
+    stream_logits (B,L,G,V); input_ids, loss_mask (B,L), loss_mask 1 on response tokens. Each term
+    is a mean over the positions whose target is a response token. Metrics per term:
+    `{name}_loss`, `{name}_acc`, `{name}_n` (count) and `{name}_correct`, with name in main,
+    stream1..streamG, exit; plus `loss`.
+    """
+    L, G = input_ids.shape[1], stream_logits.shape[2]
+    weights = (
+        [alpha_streams] * G if isinstance(alpha_streams, (int, float)) else list(alpha_streams)
+    )
+    if len(weights) != G:
+        raise ValueError(f"alpha_streams has {len(weights)} weights for {G} streams")
+    metrics: dict[str, float] = {}
+    total = stream_logits.sum() * 0.0
+
+    def add(name: str, weight: float, logits: torch.Tensor, shift: int) -> None:
+        # Position i predicts token i + shift; positions without a target drop out.
+        nonlocal total
+        loss, n, correct = masked_ce(
+            logits[:, : L - shift], input_ids[:, shift:], loss_mask[:, shift:]
+        )
+        total = total + weight * loss
+        metrics.update(_term(name, float(loss.detach()), n, correct))
+
+    if main_logits is not None:
+        add("main", alpha0, main_logits, 1)
+    for j in range(1, G + 1):
+        if j + 1 < L:
+            add(f"stream{j}", weights[j - 1], stream_logits[:, :, j - 1], j + 1)
+        else:
+            metrics.update(_term(f"stream{j}", 0.0, 0, 0))
+    if exit_logits is not None:
+        add("exit", exit_weight, exit_logits, 1)
+    metrics["loss"] = float(total.detach())
+    return total, metrics
+
+
+def _term(name: str, loss: float, n: int, correct: int) -> dict[str, float]:
+    return {
+        f"{name}_loss": loss,
+        f"{name}_acc": correct / n if n else 0.0,
+        f"{name}_n": float(n),
+        f"{name}_correct": float(correct),
+    }
+
+
+def aggregate_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """Turn summed `{name}_loss_sum`, `{name}_n`, `{name}_correct` into per-term loss/acc."""
+    names = sorted({k[: -len("_n")] for k in sums if k.endswith("_n")}, key=_order)
+    out: dict[str, float] = {}
+    for name in names:
+        n = sums[f"{name}_n"]
+        out[f"{name}_loss"] = sums.get(f"{name}_loss_sum", 0.0) / n if n else float("nan")
+        out[f"{name}_acc"] = sums.get(f"{name}_correct", 0.0) / n if n else float("nan")
+        out[f"{name}_n"] = n
+    return out
+
+
+def accumulate(sums: dict[str, float], metrics: dict[str, float]) -> None:
+    """Add one batch's metrics to running sums (loss weighted by count) for aggregate_metrics."""
+    for key, value in metrics.items():
+        if key.endswith("_n"):
+            name = key[: -len("_n")]
+            sums[key] = sums.get(key, 0.0) + value
+            sums[f"{name}_correct"] = sums.get(f"{name}_correct", 0.0) + metrics[f"{name}_correct"]
+            sums[f"{name}_loss_sum"] = (
+                sums.get(f"{name}_loss_sum", 0.0) + metrics[f"{name}_loss"] * value
+            )
+
+
+def _order(name: str) -> tuple[int, int]:
+    if name == "main":
+        return (0, 0)
+    if name.startswith("stream"):
+        return (1, int(name[len("stream") :]))
+    return (2, 0)

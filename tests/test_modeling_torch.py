@@ -1,0 +1,266 @@
+"""StreamingLM: the stream computation of docs/format.md, checked against a direct reference."""
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+from hf_tiny import tiny_hf_config  # noqa: E402
+from ss_mlx_convert.loss import ss_loss  # noqa: E402
+from ss_mlx_convert.modeling import StreamingLM, hf_causal_lm  # noqa: E402
+from ss_mlx_convert.ss_config import ALLOWED_MODULES  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+FAMILIES = ("llama", "qwen2", "qwen3", "phi3")
+
+
+def tiny_base(model_type: str, seed: int = 0, **overrides):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = tiny_hf_config(model_type, eos_token_id=3, bos_token_id=0, pad_token_id=1, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(
+        cfg, torch_dtype=torch.float32, attn_implementation="eager"
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.08 if "embed" not in name else 0.5)
+    return model.eval()
+
+
+def ss_block(G=3, Ns=2, mode="shifted", rank=0, modules=(), prune=0):
+    return {
+        "num_streams": G,
+        "stream_layers": Ns,
+        "stream_position_mode": mode,
+        "adapter_rank": rank,
+        "adapter_scale": 2.0,
+        "adapter_modules": list(modules),
+        "prune_rank": prune,
+    }
+
+
+def randomize(model: StreamingLM, seed: int = 1) -> None:
+    """Non-zero values for every stream parameter (fresh adapters have b = 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.ss_state_dict().values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def reference_streams(model: StreamingLM, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 2 written out as one long sequence (main rows, then stream rows) through the real HF
+    decoder layers with an explicit (L + L*G)^2 mask. No adapters.
+    -> (stream logits, main hidden)."""
+    hf = hf_causal_lm(model.base)
+    B, L = ids.shape
+    G, s, N = model.num_streams, model.first_stream_layer, model.num_layers
+    hs = hf(input_ids=ids, output_hidden_states=True).hidden_states
+    P = model.stream_embeddings.detach()
+    x = torch.cat([hs[s], (hs[s][:, :, None] + P).reshape(B, L * G, -1)], dim=1)
+    t_main = torch.arange(L)
+    t_str = torch.arange(L).repeat_interleave(G)
+    j_str = torch.arange(1, G + 1).repeat(L)
+    shift = j_str if model.ss["stream_position_mode"] == "shifted" else torch.zeros_like(j_str)
+    pos = torch.cat([t_main, t_str + shift])[None].expand(B, -1)
+    q_t, q_j = torch.cat([t_main, t_str]), torch.cat([torch.zeros(L, dtype=torch.long), j_str])
+    k_t, k_j = q_t, q_j
+    is_main_k = (k_j == 0)[None, :]
+    allowed = (is_main_k & (k_t[None] <= q_t[:, None])) | (
+        (~is_main_k)
+        & (q_j[:, None] > 0)
+        & (k_t[None] == q_t[:, None])
+        & (k_j[None] <= q_j[:, None])
+    )
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))[None, None]
+    pe = hf.model.rotary_emb(x, pos)
+    for layer in hf.model.layers[s:N]:
+        x = layer(x, attention_mask=mask, position_embeddings=pe, position_ids=pos)
+        if isinstance(x, tuple):
+            x = x[0]
+    streams = hf.lm_head(hf.model.norm(x[:, L:])).view(B, L, G, -1)
+    return streams, x[:, :L]
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("mode", ["shifted", "anchor"])
+def test_matches_reference_sequence_formulation(model_type, mode):
+    base = tiny_base(model_type)
+    model = StreamingLM(base, ss_block(G=3, Ns=2, mode=mode))
+    randomize(model)
+    ids = torch.randint(4, 96, (2, 9))
+    with torch.no_grad():
+        main, streams, exit_logits = model(ids)
+        ref, ref_main_hidden = reference_streams(model, ids)
+        base_out = hf_causal_lm(model.base)(input_ids=ids, output_hidden_states=True)
+    assert exit_logits is None
+    assert torch.equal(main, base_out.logits)
+    # The main rows of the long sequence are blind to the streams.
+    torch.testing.assert_close(
+        hf_causal_lm(model.base).model.norm(ref_main_hidden), base_out.hidden_states[-1]
+    )
+    torch.testing.assert_close(streams, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_all_layers_carry_streams(model_type):
+    model = StreamingLM(tiny_base(model_type), ss_block(G=2, Ns=4))
+    randomize(model)
+    ids = torch.randint(4, 96, (1, 6))
+    with torch.no_grad():
+        _, streams, _ = model(ids)
+        ref, _ = reference_streams(model, ids)
+    torch.testing.assert_close(streams, ref, atol=2e-5, rtol=1e-5)
+
+
+def full_model(model_type="llama", seed=0):
+    modules = ALLOWED_MODULES[model_type]
+    model = StreamingLM(
+        tiny_base(model_type, seed), ss_block(G=3, Ns=2, rank=4, modules=modules, prune=4)
+    )
+    randomize(model)
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3"])
+def test_streams_are_causal_in_time(model_type):
+    model = full_model(model_type)
+    ids = torch.randint(4, 96, (1, 10))
+    ids2 = ids.clone()
+    ids2[:, 6:] = torch.randint(4, 96, (1, 4))
+    with torch.no_grad():
+        m1, s1, e1 = model(ids)
+        m2, s2, e2 = model(ids2)
+    torch.testing.assert_close(s1[:, :6], s2[:, :6], atol=1e-6, rtol=0)
+    torch.testing.assert_close(e1[:, :6], e2[:, :6], atol=1e-6, rtol=0)
+    assert not torch.allclose(s1[:, 6:], s2[:, 6:])
+
+
+def test_stream_params_never_touch_main_logits():
+    model = full_model()
+    ids = torch.randint(4, 96, (2, 8))
+    with torch.no_grad():
+        main1, s1, _ = model(ids)
+        randomize(model, seed=7)
+        main2, s2, _ = model(ids)
+    assert torch.equal(main1, main2)
+    assert not torch.allclose(s1, s2)
+
+
+def test_stream_j_is_blind_to_higher_streams():
+    model = full_model()
+    ids = torch.randint(4, 96, (1, 8))
+    with torch.no_grad():
+        _, s1, _ = model(ids)
+        model.stream_embeddings[2] += 1.0  # P_3
+        for per_module in model.adapters.values():  # stream 3's adapters
+            for ad in per_module.values():
+                ad.b[2] += 0.5
+        _, s2, _ = model(ids)
+        model.stream_embeddings[1] += 1.0  # P_2 reaches streams 2 and 3, not 1
+        _, s3, _ = model(ids)
+    torch.testing.assert_close(s1[:, :, :2], s2[:, :, :2], atol=1e-6, rtol=0)
+    assert not torch.allclose(s1[:, :, 2], s2[:, :, 2])
+    torch.testing.assert_close(s2[:, :, 0], s3[:, :, 0], atol=1e-6, rtol=0)
+    assert not torch.allclose(s2[:, :, 1], s3[:, :, 1])
+
+
+def test_zero_adapters_are_off():
+    base = tiny_base("qwen2")
+    plain = StreamingLM(base, ss_block(G=2, Ns=2))
+    adapted = StreamingLM(base, ss_block(G=2, Ns=2, rank=4, modules=ALLOWED_MODULES["qwen2"]))
+    with torch.no_grad():
+        adapted.stream_embeddings.copy_(plain.stream_embeddings)
+        ids = torch.randint(4, 96, (1, 6))
+        assert torch.equal(plain(ids)[1], adapted(ids)[1])
+
+
+def test_padding_left_and_right():
+    model = full_model("qwen3")
+    a = torch.randint(4, 96, (1, 7))
+    b = torch.randint(4, 96, (1, 4))
+    with torch.no_grad():
+        _, sa, ea = model(a)
+        _, sb, eb = model(b)
+        right = torch.cat([a, torch.cat([b, torch.full((1, 3), 1)], 1)])
+        mask_r = torch.cat([torch.ones(1, 7), torch.cat([torch.ones(1, 4), torch.zeros(1, 3)], 1)])
+        _, sr, _ = model(right, attention_mask=mask_r.long())
+        left = torch.cat([torch.full((1, 3), 1), b], 1)
+        mask_l = torch.cat([torch.zeros(1, 3), torch.ones(1, 4)], 1).long()
+        _, sl, el = model(left, attention_mask=mask_l)
+    torch.testing.assert_close(sr[0], sa[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sr[1, :4], sb[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sl[0, 3:], sb[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(el[0, 3:], eb[0], atol=1e-4, rtol=1e-4)
+
+
+def test_early_exit_formula():
+    model = full_model()
+    ids = torch.randint(4, 96, (1, 5))
+    with torch.no_grad():
+        _, _, exit_logits = model(ids)
+        hf = hf_causal_lm(model.base)
+        h = hf(input_ids=ids, output_hidden_states=True).hidden_states[model.first_stream_layer]
+        want = hf.lm_head(hf.model.norm(h + (h @ model.prune.a) @ model.prune.b))
+    torch.testing.assert_close(exit_logits, want)
+
+
+def test_ss_state_dict_names_and_strict_load():
+    model = full_model("phi3")
+    sd = model.ss_state_dict()
+    names = set(sd)
+    assert "stream_embeddings" in names and "prune.a" in names and "prune.b" in names
+    assert "adapters.2.self_attn.qkv_proj.a" in names and "adapters.3.mlp.down_proj.b" in names
+    assert sd["adapters.2.mlp.gate_up_proj.a"].shape == (3, 64, 4)
+    assert sd["adapters.2.mlp.gate_up_proj.b"].shape == (3, 4, 256)
+    assert sd["prune.a"].shape == (64, 4) and sd["stream_embeddings"].shape == (3, 64)
+    other = full_model("phi3", seed=5)
+    other.load_ss_state_dict({k: v.clone() for k, v in sd.items()})
+    assert all(torch.equal(v, other.ss_state_dict()[k]) for k, v in sd.items())
+    with pytest.raises(ValueError, match="unexpected"):
+        other.load_ss_state_dict({**sd, "bogus": torch.zeros(1)})
+    with pytest.raises(ValueError, match="missing"):
+        other.load_ss_state_dict({k: v for k, v in sd.items() if k != "prune.a"})
+
+
+def test_unsupported_model_type_lists_supported():
+    import transformers
+
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50)
+    with pytest.raises(ValueError, match="llama.*qwen2.*qwen3"):
+        StreamingLM(transformers.GPT2LMHeadModel(cfg), ss_block())
+
+
+def test_bad_adapter_module_rejected():
+    with pytest.raises(ValueError, match="not allowed"):
+        StreamingLM(tiny_base("llama"), ss_block(rank=2, modules=["self_attn.qkv_proj"]))
+
+
+def test_loss_targets_and_masking():
+    V, L, G = 11, 6, 2
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    # Logits that put all mass on the right target: main at i -> ids[i+1], stream j -> ids[i+1+j].
+    main = torch.full((1, L, V), -30.0)
+    streams = torch.full((1, L, G, V), -30.0)
+    for i in range(L):
+        if i + 1 < L:
+            main[0, i, ids[0, i + 1]] = 30.0
+        for j in range(1, G + 1):
+            if i + 1 + j < L:
+                streams[0, i, j - 1, ids[0, i + 1 + j]] = 30.0
+    loss, m = ss_loss(main, streams, ids, mask)
+    assert loss.item() < 1e-6
+    assert m["main_acc"] == 1.0 and m["stream1_acc"] == 1.0 and m["stream2_acc"] == 1.0
+    # targets with mask 1: main -> 3 positions; stream1 (shift 2) -> 3; stream2 (shift 3) -> 3
+    assert (m["main_n"], m["stream1_n"], m["stream2_n"]) == (3.0, 3.0, 3.0)
+    streams[0, 0, 1] = 0.0  # stream 2 at i=0 targets ids[3], a response token
+    _, m2 = ss_loss(main, streams, ids, mask)
+    assert m2["stream2_acc"] < 1.0 and m2["stream1_acc"] == 1.0
+    streams2 = streams.clone()
+    streams2[0, 0, 0] = 0.0  # stream 1 at i=0 targets ids[2], a prompt token: not scored
+    _, m3 = ss_loss(main, streams2, ids, mask)
+    assert m3["stream1_acc"] == 1.0

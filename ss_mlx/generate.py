@@ -3,7 +3,7 @@
 import argparse
 import sys
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -105,6 +105,7 @@ def ss_generate_step(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     prompt_cache: list[Any] | None = None,
     prefill_step_size: int = 2048,
+    drafter: Callable[[list[int], TreeSpec], Sequence[int]] | None = None,
 ) -> Generator[StepToken, None, None]:
     """Greedy Speculative Streaming: yields tokens identical to greedy autoregressive decoding.
 
@@ -119,6 +120,10 @@ def ss_generate_step(
         prompt_cache: a cache from an earlier call to continue from (updated in place). On
             return it holds the prompt and every emitted token except the last, as mlx-lm's.
         prefill_step_size: prompt chunk size for prefill.
+        drafter: replaces the streams as the draft source: called after each pass with the
+            token history (prompt + emitted tokens, the pending root last) and the tree, it
+            returns the T - 1 draft tokens. Used for oracle tests and other draft sources
+            (e.g. prompt lookup); verification is the same, so output stays lossless.
     """
     spec = resolve_tree(model, tree)
     _check_prompt(prompt, model, max_tokens)
@@ -133,6 +138,7 @@ def ss_generate_step(
         mx.eval([c.state for c in cache])
         body = body[n:]
 
+    history = prompt.tolist() if drafter is not None else []
     root = prompt[-1:].astype(mx.int32)  # (1,)
     draft = mx.zeros((0,), dtype=mx.int32)
     step_tree = root_only()
@@ -146,12 +152,17 @@ def ss_generate_step(
                 tokens, start + step_tree.depths, step_tree.ancestor_mask, cache
             )
             verdict = greedy_verify(step_tree, tokens, main_logits)
-            next_draft = spec.draft_tokens(model.head(stream_h[verdict.best, : spec.depth]))
+            if drafter is None:
+                next_draft = spec.draft_tokens(model.head(stream_h[verdict.best, : spec.depth]))
             path_tokens = tokens[verdict.path]
-            mx.eval(verdict.accepted, verdict.path, path_tokens, verdict.next_token, next_draft)
+            mx.eval(verdict.accepted, verdict.path, path_tokens, verdict.next_token,
+                    next_draft if drafter is None else [])
             n = verdict.accepted.item()
             commit_path(cache, start, verdict.path, n + 1)
             out = path_tokens[1 : n + 1].tolist() + [verdict.next_token.item()]
+            if drafter is not None:
+                history.extend(out)
+                next_draft = _external_draft(drafter, history, spec)
             for i, token in enumerate(out):
                 # If generation stops after this token, the cache keeps everything up to it
                 # but not it: the n - i accepted rows after it are dropped.
@@ -164,6 +175,17 @@ def ss_generate_step(
             root, draft, step_tree = verdict.next_token[None].astype(mx.int32), next_draft, spec
     finally:
         trim(cache, pending_trim)
+
+
+def _external_draft(
+    drafter: Callable[[list[int], TreeSpec], Sequence[int]], history: list[int], spec: TreeSpec
+) -> mx.array:
+    draft = list(drafter(history, spec))
+    if len(draft) != spec.num_nodes - 1:
+        raise ValueError(
+            f"drafter returned {len(draft)} tokens for a tree of {spec.num_nodes - 1} draft nodes"
+        )
+    return mx.array(draft, dtype=mx.int32)
 
 
 def _encode(tokenizer: TokenizerWrapper, prompt: Any, apply_chat_template: bool,

@@ -82,9 +82,13 @@ class TreeSpec:
         ]
         if node_budget is not None:
             if not _is_int(node_budget) or node_budget < 1:
-                raise ValueError(f"tree node_budget must be a positive integer, got {node_budget!r}")
-            probs = rank_probs or [[0.7**d / (r + 1) for r in range(k)] for d, k in
-                                   enumerate(widths)]
+                raise ValueError(
+                    f"tree node_budget must be a positive integer, got {node_budget!r}"
+                )
+            # Prior: deeper streams are less accurate; lower ranks much less likely.
+            probs = rank_probs or [
+                [0.8 ** (d + 1) / (r + 1) ** 2 for r in range(k)] for d, k in enumerate(widths)
+            ]
 
             def score(p: tuple[int, ...]) -> float:
                 return math.prod(probs[d][r] for d, r in enumerate(p))

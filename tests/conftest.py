@@ -93,3 +93,48 @@ def tiny_llama():
 def cast_model(model, dtype):
     model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
     return model
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_tiny_tokenizer(out_dir, vocab_size: int = 128) -> None:
+    """A character-level tokenizer with a ChatML template (ids < vocab_size), no downloads."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    assert len(vocab) <= vocab_size
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>", bos_token=None,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+
+
+def save_tiny_model_dir(base, out_dir) -> None:
+    """Write an mlx-lm model directory (config, weights, tokenizer) for `base`."""
+    from mlx_lm.utils import save_config, save_model
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(out_dir, base)
+    config = {k: v for k, v in vars(base.args).items() if v is not None}
+    save_config(config, out_dir / "config.json")
+    write_tiny_tokenizer(out_dir)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A plain (no streams) tiny llama model directory with a tokenizer."""
+    d = tmp_path / "base"
+    save_tiny_model_dir(tiny_base("llama"), d)
+    return d

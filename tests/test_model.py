@@ -1,0 +1,128 @@
+"""SSModel forward passes: mask semantics, tree vs sequence consistency, stream independence."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import tiny_ss_model
+
+from ss_mlx.cache import commit_path, make_cache
+from ss_mlx.tree import TreeSpec
+
+TOKENS = mx.array([[3, 17, 4, 99, 21, 8, 56, 2, 64, 10]])
+
+
+def with_streams(model, seed):
+    """The same trunk with different stream parameters."""
+    from ss_mlx.loader import attach_streams, stream_shapes
+    from ss_mlx.streams import random_stream_tensors
+
+    t = random_stream_tensors(stream_shapes(model.base, model.cfg), seed=seed, embed_scale=1.0,
+                              adapter_scale=0.5)
+    return attach_streams(model.base, model.cfg, t, "test")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "phi3"])
+def test_main_logits_ignore_stream_parameters(model_type):
+    a = tiny_ss_model(model_type, adapter_rank=4)
+    b = with_streams(a, seed=99)
+    main_a, streams_a = a.full_forward(TOKENS)
+    main_b, streams_b = b.full_forward(TOKENS)
+    assert np.array_equal(np.array(main_a), np.array(main_b))  # bit-identical
+    assert not np.allclose(np.array(streams_a), np.array(streams_b))
+    # The same on a tree step with a cache.
+    spec = TreeSpec.parse("2,2")
+    tokens = mx.array([5, 6, 7, 8, 9, 10, 11])
+    outs = []
+    for m in (a, b):
+        cache = make_cache(m.base)
+        m.base(TOKENS, cache=cache)
+        logits, _ = m.tree_forward(tokens, 10 + spec.depths, spec.ancestor_mask, cache)
+        outs.append(np.array(logits))
+    assert np.array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "phi3"])
+def test_full_forward_main_equals_base(model_type):
+    m = tiny_ss_model(model_type)
+    main, streams = m.full_forward(TOKENS)
+    assert streams.shape == (1, 10, 3, 128)
+    np.testing.assert_allclose(np.array(main), np.array(m.base(TOKENS)), atol=1e-4)
+
+
+@pytest.mark.parametrize("position_mode", ["shifted", "anchor"])
+def test_chain_tree_step_equals_sequence_view(position_mode):
+    """Per-node positions, tree mask and cached context reproduce the training-time view."""
+    m = tiny_ss_model("llama", adapter_rank=4, position_mode=position_mode)
+    ctx, chain = TOKENS[:, :6], TOKENS[0, 6:]
+    cache = make_cache(m.base)
+    m.base(ctx, cache=cache)
+    spec = TreeSpec.parse("1,1,1")
+    logits, stream_h = m.tree_forward(chain, 6 + spec.depths, spec.ancestor_mask, cache)
+    full_main, full_streams = m.full_forward(TOKENS)
+    np.testing.assert_allclose(np.array(logits), np.array(full_main[0, 6:]), atol=1e-4)
+    np.testing.assert_allclose(np.array(m.head(stream_h)), np.array(full_streams[0, 6:]),
+                               atol=1e-4)
+
+
+def test_branching_tree_nodes_see_only_their_ancestors():
+    m = tiny_ss_model("qwen2", adapter_rank=4)
+    spec = TreeSpec([[0], [1], [0, 0], [1, 0]])
+    tokens = mx.array([7, 20, 30, 21, 31])
+    cache = make_cache(m.base)
+    m.base(TOKENS[:, :5], cache=cache)
+    logits, stream_h = m.tree_forward(tokens, 5 + spec.depths, spec.ancestor_mask, cache)
+    # Node (1,0) = token 31 under 30 under 7: same as the sequence [.., 7, 30, 31].
+    seq = mx.concatenate([TOKENS[:, :5], mx.array([[7, 30, 31]])], axis=1)
+    full_main, full_streams = m.full_forward(seq)
+    np.testing.assert_allclose(np.array(logits[4]), np.array(full_main[0, 7]), atol=1e-4)
+    np.testing.assert_allclose(np.array(m.head(stream_h[4])), np.array(full_streams[0, 7]),
+                               atol=1e-4)
+
+
+def test_stream_causality():
+    m = tiny_ss_model("llama", adapter_rank=4)
+    _, s1 = m.full_forward(TOKENS)
+    changed = TOKENS.tolist()
+    changed[0][7:] = [1, 1, 1]
+    _, s2 = m.full_forward(mx.array(changed))
+    # Streams at t <= 6 do not see tokens after t.
+    np.testing.assert_array_equal(np.array(s1[0, :7]), np.array(s2[0, :7]))
+    assert not np.allclose(np.array(s1[0, 7:]), np.array(s2[0, 7:]))
+
+
+def test_stream_j_ignores_higher_streams():
+    m = tiny_ss_model("llama", num_streams=3, adapter_rank=4)
+    _, s1 = m.full_forward(TOKENS)
+    tensors = m.streams.tensors()
+    emb = np.array(tensors["stream_embeddings"])
+    emb[2] += 5.0  # perturb P_3
+    tensors["stream_embeddings"] = mx.array(emb)
+    from ss_mlx.loader import attach_streams
+
+    m2 = attach_streams(m.base, m.cfg, tensors, "test")
+    _, s2 = m2.full_forward(TOKENS)
+    np.testing.assert_array_equal(np.array(s1[:, :, :2]), np.array(s2[:, :, :2]))
+    assert not np.allclose(np.array(s1[:, :, 2]), np.array(s2[:, :, 2]))
+
+
+def test_exit_logits():
+    m = tiny_ss_model("llama", prune_rank=8)
+    z = m.exit_logits(TOKENS)
+    assert z.shape == (1, 10, 128)
+    with pytest.raises(ValueError, match="early-exit"):
+        tiny_ss_model("llama").exit_logits(TOKENS)
+
+
+def test_commit_path_compacts_accepted_rows():
+    m = tiny_ss_model("llama")
+    cache = make_cache(m.base)
+    m.base(TOKENS[:, :4], cache=cache)
+    spec = TreeSpec([[0], [1], [1, 0]])
+    tokens = mx.array([5, 6, 7, 8])
+    m.tree_forward(tokens, 4 + spec.depths, spec.ancestor_mask, cache)
+    before = np.array(cache[0].keys[..., :8, :])
+    commit_path(cache, 4, spec.path_table[3], keep=3)  # accept root -> (1,) -> (1,0)
+    after = np.array(cache[0].keys)
+    assert cache[0].offset == 7
+    np.testing.assert_array_equal(after[..., :4, :], before[..., :4, :])
+    np.testing.assert_array_equal(after[..., 4:7, :], before[..., [4, 6, 7], :])

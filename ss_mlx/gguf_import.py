@@ -561,14 +561,19 @@ def tokenizer_config(md: dict[str, Any], config: dict[str, Any]) -> dict[str, An
 # driver
 
 
-def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+def publish_dir(tmp: Path, out_dir: Path, overwrite: bool = False) -> None:
     """Move the finished temp dir to out_dir; an existing out_dir is replaced only if allowed."""
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
         if not overwrite:
             raise FileExistsError(f"{out_dir} exists and is not empty (use overwrite / --force)")
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.replace(out_dir, old / out_dir.name)
-        os.replace(tmp, out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            os.replace(old / out_dir.name, out_dir)  # put the previous directory back
+            old.rmdir()
+            raise
         shutil.rmtree(old, ignore_errors=True)
         return
     if out_dir.exists():
@@ -576,7 +581,7 @@ def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     os.replace(tmp, out_dir)
 
 
-def _make_temp_dir(out_dir: Path) -> Path:
+def make_temp_dir(out_dir: Path) -> Path:
     # Next to out_dir (same filesystem, so the final rename is atomic); mkdir honours the umask,
     # unlike tempfile.mkdtemp's 0700.
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -611,7 +616,7 @@ def import_gguf(
         raise FileExistsError(f"{out_dir} exists and is not empty (use overwrite / --force)")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_temp_dir(out_dir)
+    tmp = make_temp_dir(out_dir)
     try:
         weights = load_tensors(gguf_path, header, config, dtype, progress=progress)
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
@@ -623,7 +628,7 @@ def import_gguf(
             k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config
         }
         _write_json(tmp / "generation_config.json", gen)
-        _publish(tmp, out_dir, overwrite)
+        publish_dir(tmp, out_dir, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -11,6 +11,34 @@ from .config import SSConfig
 from .streams import StreamParams
 
 
+def _head(base: nn.Module, h: mx.array) -> mx.array:
+    """Final norm + LM head of an mlx-lm model. h: (..., D) -> (..., V)."""
+    h = base.model.norm(h)
+    if hasattr(base, "lm_head"):
+        return base.lm_head(h)
+    return base.model.embed_tokens.as_linear(h)
+
+
+def plain_tree_forward(
+    base: nn.Module,
+    tokens: mx.array,
+    positions: mx.array,
+    ancestor_mask: mx.array,
+    cache: list[Any],
+) -> tuple[mx.array, mx.array]:
+    """A tree pass through any supported mlx-lm model, without streams.
+
+    For draft sources other than streams (prompt lookup, Medusa heads, a draft model) that
+    reuse the same tree verification. tokens, positions: (T,); ancestor_mask: (T, T).
+    Returns main logits (T, V) and final hidden states (T, D) (before the final norm).
+    """
+    h = base.model.embed_tokens(tokens[None])  # (1, T, D)
+    mask = with_context(ancestor_mask, cache[0].offset if cache else 0)
+    for layer, c in zip(base.model.layers, cache or [None] * len(base.model.layers)):
+        h = arch.block(layer, h, positions, mask, c)
+    return _head(base, h[0]), h[0]
+
+
 class SSModel(nn.Module):
     """Wraps a loaded mlx-lm model (`base`) without modifying it.
 
@@ -39,10 +67,7 @@ class SSModel(nn.Module):
 
     def head(self, h: mx.array) -> mx.array:
         """Final norm + LM head, shared by main and stream rows. h: (..., D) -> (..., V)."""
-        h = self.inner.norm(h)
-        if hasattr(self.base, "lm_head"):
-            return self.base.lm_head(h)
-        return self.inner.embed_tokens.as_linear(h)
+        return _head(self.base, h)
 
     def make_cache(self) -> list[Any]:
         return self.base.make_cache() if hasattr(self.base, "make_cache") else None

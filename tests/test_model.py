@@ -126,3 +126,19 @@ def test_commit_path_compacts_accepted_rows():
     assert cache[0].offset == 7
     np.testing.assert_array_equal(after[..., :4, :], before[..., :4, :])
     np.testing.assert_array_equal(after[..., 4:7, :], before[..., [4, 6, 7], :])
+
+
+def test_plain_tree_forward_matches_ss_main_rows():
+    from ss_mlx.model import plain_tree_forward
+
+    m = tiny_ss_model("qwen3")
+    spec = TreeSpec.parse("2,2")
+    tokens = mx.array([5, 6, 7, 8, 9, 10, 11])
+    outs = []
+    for fn in (lambda c: m.tree_forward(tokens, 10 + spec.depths, spec.ancestor_mask, c)[0],
+               lambda c: plain_tree_forward(m.base, tokens, 10 + spec.depths,
+                                            spec.ancestor_mask, c)[0]):
+        cache = make_cache(m.base)
+        m.base(TOKENS, cache=cache)
+        outs.append(np.array(fn(cache)))
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)

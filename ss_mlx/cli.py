@@ -13,6 +13,8 @@ COMMANDS = {
     "init": ("ss_mlx.init_model", None),
     "models": ("ss_mlx.default_model", None),
     "import-gguf": ("ss_mlx.gguf_import", None),
+    "bench": ("ss_mlx.bench", None),
+    "tune": ("ss_mlx.tune", None),
     "train": ("ss_mlx_convert.train", "ss-mlx[train]"),
     "distill": ("ss_mlx_convert.distill", "ss-mlx[train]"),
     "convert": ("ss_mlx_convert.export", "ss-mlx[train]"),

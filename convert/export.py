@@ -246,16 +246,46 @@ def export_streams(
     return {n: tuple(t.shape) for n, t in out.items()}
 
 
+def medusa_shapes(block: dict[str, Any], hidden: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    """Tensor names/shapes of the trainer's Medusa heads (convert/medusa.py): per head k,
+    `num_layers` residual blocks `medusa_head.{k}.{i}.linear` and, unless the LM head is
+    shared, its own head `medusa_head.{k}.{num_layers}.weight`."""
+    try:
+        heads, layers = int(block["num_heads"]), int(block.get("num_layers", 1))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConversionError(f"bad '{MEDUSA_KEY}' config block {block!r}: {e}") from e
+    shapes: dict[str, tuple[int, ...]] = {}
+    for k in range(heads):
+        for i in range(layers):
+            shapes[f"medusa_head.{k}.{i}.linear.weight"] = (hidden, hidden)
+            shapes[f"medusa_head.{k}.{i}.linear.bias"] = (hidden,)
+        if block.get("lm_head", "shared") != "shared":
+            shapes[f"medusa_head.{k}.{layers}.weight"] = (vocab, hidden)
+    return shapes
+
+
 def carry_medusa(src: Path, dst: Path, config: dict[str, Any]) -> bool:
-    """Copy Medusa heads (and keep their config block); both or neither must be there."""
+    """Copy Medusa heads verbatim (and keep their config block) after a strict name/shape check;
+    both file and block or neither must be there."""
     has_file, has_block = (src / MEDUSA_FILE).is_file(), MEDUSA_KEY in config
     if has_file != has_block:
         missing = f"'{MEDUSA_KEY}' config block" if has_file else MEDUSA_FILE
         raise ConversionError(f"{src}: Medusa heads are incomplete: no {missing}")
-    if has_file:
-        open_tensor_file(src / MEDUSA_FILE)  # fails now, by name, if truncated
-        shutil.copy2(src / MEDUSA_FILE, dst / MEDUSA_FILE)
-    return has_file
+    if not has_file:
+        return False
+    store = open_tensor_file(src / MEDUSA_FILE)  # fails now, by name, if truncated
+    want = medusa_shapes(config[MEDUSA_KEY], config["hidden_size"], config["vocab_size"])
+    bad = [f"missing {n}" for n in want if n not in store]
+    bad += [f"unexpected {n}" for n in store if n not in want]
+    bad += [
+        f"{n} has shape {store.shape(n)}, expected {s}"
+        for n, s in want.items()
+        if n in store and tuple(store.shape(n)) != s
+    ]
+    if bad:
+        raise _fail(f"{src / MEDUSA_FILE} does not match config['{MEDUSA_KEY}']", bad)
+    shutil.copy2(src / MEDUSA_FILE, dst / MEDUSA_FILE)
+    return True
 
 
 def copy_tokenizer(src: Path, dst: Path) -> list[str]:

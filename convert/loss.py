@@ -61,7 +61,7 @@ def ss_loss(
             logits[:, : L - shift], input_ids[:, shift:], loss_mask[:, shift:]
         )
         total = total + weight * loss
-        metrics.update(_term(name, float(loss.detach()), n, correct))
+        metrics.update(term_metrics(name, float(loss.detach()), n, correct))
 
     if main_logits is not None:
         add("main", alpha0, main_logits, 1)
@@ -69,14 +69,14 @@ def ss_loss(
         if j + 1 < L:
             add(f"stream{j}", weights[j - 1], stream_logits[:, :, j - 1], j + 1)
         else:
-            metrics.update(_term(f"stream{j}", 0.0, 0, 0))
+            metrics.update(term_metrics(f"stream{j}", 0.0, 0, 0))
     if exit_logits is not None:
         add("exit", exit_weight, exit_logits, 1)
     metrics["loss"] = float(total.detach())
     return total, metrics
 
 
-def _term(name: str, loss: float, n: int, correct: int) -> dict[str, float]:
+def term_metrics(name: str, loss: float, n: int, correct: int) -> dict[str, float]:
     return {
         f"{name}_loss": loss,
         f"{name}_acc": correct / n if n else 0.0,
@@ -115,3 +115,23 @@ def _order(name: str) -> tuple[int, int]:
     if name.startswith("stream"):
         return (1, int(name[len("stream") :]))
     return (2, 0)
+
+
+@torch.no_grad()
+def chain_acceptance(
+    stream_logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor
+) -> tuple[float, int]:
+    """Sum and count of the leading run of correct streams per position (greedy chain draft).
+
+    Counted at positions i whose main target x_{i+1} and last stream target x_{i+1+G} are both
+    response tokens; 1 + the mean is the tokens per step a width-1 draft would give on this data.
+    """
+    B, L, G, _ = stream_logits.shape
+    n = L - 1 - G  # positions whose every stream target exists
+    if n <= 0:
+        return 0.0, 0
+    pred = stream_logits[:, :n].argmax(-1)  # (B, n, G)
+    targets = torch.stack([input_ids[:, 1 + j : 1 + j + n] for j in range(1, G + 1)], dim=-1)
+    run = (pred == targets).long().cumprod(dim=-1).sum(-1)  # (B, n)
+    valid = loss_mask[:, 1 : 1 + n].bool() & loss_mask[:, 1 + G : 1 + G + n].bool()
+    return float(run[valid].sum()), int(valid.sum())

@@ -1,0 +1,596 @@
+"""`ss-mlx train`: fine-tune Speculative Streaming (shared / lossless) or Medusa heads.
+
+Runs as one process or under `torchrun --nproc_per_node K` (DDP; gloo on CPU, nccl on CUDA;
+rank 0 writes). Output layout: see save_model.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import train_state
+from .data import Example, collate, epoch_batches, load_examples, pad_id_of
+from .dist import DistEnv, all_reduce_sums, barrier, init_distributed, shutdown
+from .fileio import write_json
+from .hidden_cache import FrozenBaseCache
+from .loss import accumulate, aggregate_metrics, chain_acceptance, ss_loss
+from .medusa import MEDUSA_CONFIG_KEY, MEDUSA_FILE, MedusaLM
+from .modeling import StreamingLM, hf_causal_lm
+from .save_model import (
+    SS_CONFIG_KEY,
+    STREAMS_FILE,
+    TRAINING_CONFIG_KEY,
+    copy_base_files,
+    save_peft_adapter,
+    save_tensors,
+    write_config,
+)
+from .ss_config import ALLOWED_MODULES, make_ss_config
+
+MODES = ("shared", "lossless", "medusa")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Cache a frozen base's hidden states automatically when they fit in this much memory.
+AUTO_CACHE_BYTES = 4 << 30
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ss-mlx train",
+        description="Fine-tune Speculative Streaming (shared/lossless) or Medusa heads on JSONL.",
+    )
+    p.add_argument("--model", required=True, help="Hugging Face model directory (the base)")
+    p.add_argument(
+        "--data", required=True, help="training JSONL (prompt/completion, messages, text)"
+    )
+    p.add_argument("--mode", required=True, choices=MODES)
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--streams", type=int, default=4, help="gamma: streams (medusa: heads)")
+    p.add_argument("--stream-layers", type=int, default=4, help="Ns: top layers carrying streams")
+    p.add_argument("--position-mode", choices=("shifted", "anchor"), default="shifted")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides epochs)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument(
+        "--stream-lr", type=float, default=None, help="lr of P_j/adapters (default --lr)"
+    )
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--lora-rank", type=int, default=32, help="shared mode: LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=None, help="default 2 * rank")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument(
+        "--adapter-rank",
+        type=int,
+        default=None,
+        help="stream-only adapters rank (default: 8 in lossless mode, 0 in shared mode)",
+    )
+    p.add_argument("--adapter-alpha", type=float, default=None, help="default 2 * rank")
+    p.add_argument(
+        "--adapter-modules",
+        default=None,
+        help="comma-separated block modules for stream adapters (default: all linear modules)",
+    )
+    p.add_argument("--prune-rank", type=int, default=0, help="early-exit adapter rank (0: none)")
+    p.add_argument("--alpha0", type=float, default=1.0, help="main-stream loss weight")
+    p.add_argument("--alpha-streams", type=float, default=0.1, help="per-stream loss weight")
+    p.add_argument("--exit-weight", type=float, default=0.1, help="early-exit loss weight")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per process per step")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--no-chat-template", action="store_true", help="plain prompt + completion")
+    p.add_argument("--eval", default=None, help="held-out JSONL for the final per-stream accuracy")
+    p.add_argument("--eval-batch-size", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=200, help="checkpoint period (0: none)")
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from OUT/checkpoints (latest) or the given checkpoint",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument(
+        "--cache-hidden",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="frozen base (lossless/medusa): compute its hidden states once per example",
+    )
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # StreamingLM or MedusaLM (not the DDP wrapper)
+    out_dir: Path
+    steps: int
+    last_metrics: dict[str, float]
+    eval_metrics: dict[str, Any] | None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    train(args)
+
+
+def train(args: argparse.Namespace) -> TrainResult:
+    env = init_distributed(args.device)
+    try:
+        return _train(args, env)
+    finally:
+        shutdown(env)
+
+
+# ---- building the model ---------------------------------------------------------------------
+
+
+def resolve_defaults(args: argparse.Namespace, model_type: str) -> None:
+    """Fill mode-dependent defaults in place (recorded in ss_training)."""
+    if args.adapter_rank is None:
+        args.adapter_rank = 8 if args.mode == "lossless" else 0
+    if args.adapter_modules is None:
+        args.adapter_modules = ",".join(ALLOWED_MODULES.get(model_type, ()))
+    if args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora_rank
+    if args.adapter_alpha is None:
+        args.adapter_alpha = 2.0 * max(args.adapter_rank, 1)
+    if args.stream_lr is None:
+        args.stream_lr = args.lr
+
+
+def build_model(args: argparse.Namespace, base: nn.Module) -> tuple[nn.Module, Any]:
+    """-> (StreamingLM or MedusaLM, the peft model or None). Base weights frozen unless LoRA."""
+    model_type = base.config.model_type
+    base.requires_grad_(False)
+    if args.mode == "medusa":
+        return MedusaLM(base, args.streams), None
+    peft_model = None
+    if args.mode == "shared":
+        import peft
+
+        targets = sorted({m.split(".")[-1] for m in ALLOWED_MODULES.get(model_type, ())})
+        lora = peft.LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        base = peft_model = peft.get_peft_model(base, lora)
+    modules = [m for m in args.adapter_modules.split(",") if m] if args.adapter_rank > 0 else []
+    ss = make_ss_config(
+        args.streams,
+        args.stream_layers,
+        stream_position_mode=args.position_mode,
+        adapter_rank=args.adapter_rank,
+        adapter_scale=args.adapter_alpha / max(args.adapter_rank, 1),
+        adapter_modules=modules,
+        prune_rank=args.prune_rank,
+    )
+    return StreamingLM(base, ss), peft_model
+
+
+def make_optimizer(
+    args: argparse.Namespace, core: nn.Module, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    base_ids = {id(p) for p in core.base.parameters()}
+    lora = [p for p in core.base.parameters() if p.requires_grad]
+    own = [p for p in core.parameters() if p.requires_grad and id(p) not in base_ids]
+    groups = [{"params": own, "lr": args.stream_lr}]
+    if lora:
+        groups.append({"params": lora, "lr": args.lr})
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+
+    def schedule(step: int) -> float:
+        if step < args.warmup_steps:
+            return (step + 1) / (args.warmup_steps + 1)
+        span = max(1, total_steps - args.warmup_steps)
+        return max(0.0, 1.0 - (step - args.warmup_steps) / span)
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def trainable_state(core: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in core.named_parameters() if p.requires_grad}
+
+
+# ---- the loop --------------------------------------------------------------------------------
+
+
+def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
+    import transformers
+
+    out_dir = Path(args.out)
+    ckpt_root = out_dir / "checkpoints"
+    torch.manual_seed(args.seed)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    chat = not args.no_chat_template
+    examples = load_examples(args.data, tokenizer, args.max_seq_len, chat)
+    eval_examples = (
+        load_examples(args.eval, tokenizer, args.max_seq_len, chat) if args.eval else None
+    )
+    pad_id = pad_id_of(tokenizer)
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype])
+    resolve_defaults(args, base.config.model_type)
+    core, peft_model = build_model(args, base)
+    core.to(env.device)
+    base_trainable = any(p.requires_grad for p in core.base.parameters())
+    # Dropout only matters for LoRA; a frozen base must compute exactly what it does at inference.
+    core.train(base_trainable)
+
+    micro_per_epoch = len(epoch_batches(len(examples), args.batch_size, args.seed, 0, 0, env.world))
+    if args.max_steps is not None:
+        total_steps = args.max_steps
+    else:
+        total_steps = math.ceil(args.epochs * micro_per_epoch / args.grad_accum)
+    optimizer, scheduler = make_optimizer(args, core, total_steps)
+
+    start_step = 0
+    resume_from = _resume_path(args.resume, ckpt_root)
+    if resume_from is not None:
+        start_step = _restore(resume_from, args, core, optimizer, scheduler)
+        if env.is_main:
+            print(f"resumed from {resume_from} at step {start_step}", file=sys.stderr)
+
+    model: nn.Module = core
+    if env.distributed:
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(core, device_ids=ids)
+
+    cache = _make_cache(args, examples, core, base_trainable, total_steps, micro_per_epoch, env)
+    loss_kw = dict(
+        alpha0=args.alpha0, alpha_streams=args.alpha_streams, exit_weight=args.exit_weight
+    )
+
+    epoch_cache: dict[int, list[list[int]]] = {}
+
+    def micro_batch(m: int) -> list[int]:
+        epoch, offset = divmod(m, micro_per_epoch)
+        if epoch not in epoch_cache:
+            epoch_cache.clear()
+            epoch_cache[epoch] = epoch_batches(
+                len(examples), args.batch_size, args.seed, epoch, env.rank, env.world
+            )
+        return epoch_cache[epoch][offset]
+
+    progress = _progress(env, args, start_step, total_steps)
+    window: dict[str, float] = {}
+    last: dict[str, float] = {}
+    tokens, t0 = 0, time.perf_counter()
+    log_path = out_dir / "train_log.jsonl"
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for step in range(start_step, total_steps):
+        for k in range(args.grad_accum):
+            idx = micro_batch(step * args.grad_accum + k)
+            batch = _to(collate([examples[i] for i in idx], pad_id), env.device)
+            sync = k == args.grad_accum - 1 or not env.distributed
+            with nullcontext() if sync else model.no_sync():
+                loss, metrics = _batch_loss(model, core, batch, idx, cache, loss_kw)
+                (loss / args.grad_accum).backward()
+            accumulate(window, metrics)
+            window["loss_sum"] = window.get("loss_sum", 0.0) + metrics["loss"]
+            window["batches"] = window.get("batches", 0.0) + 1
+            tokens += int(batch["lengths"].sum())
+        if args.max_grad_norm > 0:
+            params = [p for p in core.parameters() if p.requires_grad]
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % args.log_every == 0 or done == total_steps:
+            last = _log(env, window, done, tokens, time.perf_counter() - t0, scheduler, log_path)
+            if progress is not None:
+                progress.set_postfix(_postfix(last), refresh=False)
+            window, tokens, t0 = {}, 0, time.perf_counter()
+        if progress is not None:
+            progress.update(1)
+        if args.save_every > 0 and (done % args.save_every == 0 or done == total_steps):
+            _checkpoint(env, ckpt_root, done, args, core, optimizer, scheduler)
+    if progress is not None:
+        progress.close()
+
+    if env.is_main:
+        write_output(args, core, peft_model, tokenizer, total_steps)
+    barrier(env)
+
+    eval_metrics = None
+    if eval_examples is not None:
+        eval_metrics = evaluate(
+            core, eval_examples, args.eval_batch_size or args.batch_size, pad_id, env, loss_kw
+        )
+        eval_metrics = {
+            "file": str(args.eval),
+            "examples": len(eval_examples),
+            "step": total_steps,
+            **eval_metrics,
+        }
+        if env.is_main:
+            write_json(out_dir / "eval.json", eval_metrics)
+            print(format_eval(eval_metrics))
+    barrier(env)
+    return TrainResult(core, out_dir, total_steps, last, eval_metrics)
+
+
+def _batch_loss(
+    model: nn.Module,
+    core: nn.Module,
+    batch: dict[str, torch.Tensor],
+    idx: list[int],
+    cache: FrozenBaseCache | None,
+    loss_kw: dict[str, Any],
+) -> tuple[torch.Tensor, dict[str, float]]:
+    ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    if cache is None:
+        main, streams, exit_logits = model(ids, attn)
+        return ss_loss(main, streams, ids, mask, exit_logits=exit_logits, **loss_kw)
+    base_out, main_metrics = cache.lookup(core, batch, idx)
+    _, streams, exit_logits = model(ids, attn, base_output=base_out)
+    loss, metrics = ss_loss(None, streams, ids, mask, exit_logits=exit_logits, **loss_kw)
+    metrics.update(main_metrics)
+    # Report the same total as without the cache (the main term has no gradient here).
+    metrics["loss"] += loss_kw["alpha0"] * main_metrics["main_loss"]
+    return loss, metrics
+
+
+def _make_cache(
+    args: argparse.Namespace,
+    examples: list[Example],
+    core: nn.Module,
+    base_trainable: bool,
+    total_steps: int,
+    micro_per_epoch: int,
+    env: DistEnv,
+) -> FrozenBaseCache | None:
+    if base_trainable or args.cache_hidden == "off":
+        return None
+    if args.cache_hidden == "auto":
+        if total_steps * args.grad_accum <= micro_per_epoch:  # each example seen once at most
+            return None
+        hf = hf_causal_lm(core.base)
+        layers = args.stream_layers if isinstance(core, StreamingLM) else 1
+        per_token = layers * hf.config.hidden_size * DTYPES[args.dtype].itemsize
+        need = sum(len(e.input_ids) for e in examples) * per_token
+        if need > AUTO_CACHE_BYTES:
+            if env.is_main:
+                print(
+                    f"not caching base hidden states ({need / 2**30:.1f} GiB); "
+                    "--cache-hidden on forces it",
+                    file=sys.stderr,
+                )
+            return None
+    return FrozenBaseCache()
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ---- evaluation ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(
+    core: nn.Module,
+    examples: list[Example],
+    batch_size: int,
+    pad_id: int,
+    env: DistEnv,
+    loss_kw: dict[str, Any],
+) -> dict[str, float]:
+    """Per-term loss/accuracy over response targets, plus the mean accepted chain length."""
+    was_training = core.training
+    core.eval()
+    G = core.num_streams
+    names = ["main"] + [f"stream{j}" for j in range(1, G + 1)]
+    if getattr(core, "prune", None) is not None:
+        names.append("exit")
+    sums = {f"{n}_{s}": 0.0 for n in names for s in ("n", "correct", "loss_sum")}
+    sums.update(chain_sum=0.0, chain_n=0.0)
+    mine = list(range(env.rank, len(examples), env.world))
+    device = next(core.parameters()).device
+    for i in range(0, len(mine), batch_size):
+        batch = _to(collate([examples[k] for k in mine[i : i + batch_size]], pad_id), device)
+        ids, mask = batch["input_ids"], batch["loss_mask"]
+        main, streams, exit_logits = core(ids, batch["attention_mask"])
+        _, metrics = ss_loss(main, streams, ids, mask, exit_logits=exit_logits, **loss_kw)
+        accumulate(sums, metrics)
+        chain, count = chain_acceptance(streams, ids, mask)
+        sums["chain_sum"] += chain
+        sums["chain_n"] += count
+    sums = all_reduce_sums(env, sums)
+    core.train(was_training)
+    out = aggregate_metrics({k: v for k, v in sums.items() if not k.startswith("chain_")})
+    n = sums["chain_n"]
+    out["accepted_streams_mean"] = sums["chain_sum"] / n if n else float("nan")
+    return out
+
+
+def format_eval(metrics: dict[str, Any]) -> str:
+    lines = [f"eval on {metrics['file']} ({metrics['examples']} examples, step {metrics['step']})"]
+    names = [k[: -len("_acc")] for k in metrics if k.endswith("_acc")]
+    for name in names:
+        lines.append(
+            f"  {name:>9}: acc {metrics[name + '_acc']:.4f}  loss {metrics[name + '_loss']:.4f}"
+            f"  (n={int(metrics[name + '_n'])})"
+        )
+    lines.append(
+        f"  mean accepted streams per step (greedy chain): {metrics['accepted_streams_mean']:.3f}"
+    )
+    return "\n".join(lines)
+
+
+# ---- output, checkpoints, logging -----------------------------------------------------------
+
+
+def write_output(
+    args: argparse.Namespace, core: nn.Module, peft_model: Any, tokenizer: Any, steps: int
+) -> None:
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copy_base_files(args.model, out_dir, tokenizer)
+    training = {
+        "mode": args.mode,
+        "base_model": str(args.model),
+        "data": str(args.data),
+        "steps": steps,
+        "lr": args.lr,
+        "stream_lr": args.stream_lr,
+        "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
+        "max_seq_len": args.max_seq_len,
+        "alpha0": args.alpha0,
+        "alpha_streams": args.alpha_streams,
+        "seed": args.seed,
+        "lora_rank": args.lora_rank if args.mode == "shared" else 0,
+        "lora_alpha": args.lora_alpha if args.mode == "shared" else None,
+    }
+    blocks: dict[str, Any] = {TRAINING_CONFIG_KEY: training}
+    if isinstance(core, MedusaLM):
+        save_tensors(out_dir / MEDUSA_FILE, core.heads_state_dict())
+        blocks[MEDUSA_CONFIG_KEY] = core.config_block()
+    else:
+        save_tensors(out_dir / STREAMS_FILE, core.ss_state_dict())
+        if peft_model is not None:
+            save_peft_adapter(peft_model, out_dir)
+        blocks[SS_CONFIG_KEY] = core.ss
+    write_config(args.model, out_dir, blocks)  # last: a complete config.json marks a complete dir
+
+
+# Arguments that must match when resuming (the rest, e.g. --max-steps, may change).
+_RESUME_KEYS = (
+    "mode",
+    "streams",
+    "stream_layers",
+    "position_mode",
+    "lora_rank",
+    "adapter_rank",
+    "adapter_modules",
+    "prune_rank",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "data",
+)
+
+
+def _checkpoint(
+    env: DistEnv,
+    root: Path,
+    step: int,
+    args: argparse.Namespace,
+    core: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> None:
+    if env.is_main:
+        state = {
+            "step": step,
+            "trainable": trainable_state(core),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": train_state.rng_state(),
+            "args": {k: getattr(args, k) for k in _RESUME_KEYS},
+            "world": env.world,
+        }
+        train_state.save_checkpoint(root, step, state, keep=args.keep_checkpoints)
+    barrier(env)
+
+
+def _resume_path(resume: str | None, root: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume != "latest":
+        return Path(resume)
+    found = train_state.list_checkpoints(root)
+    if not found:
+        print(f"--resume: no checkpoint in {root}; starting from scratch", file=sys.stderr)
+        return None
+    return found[-1]
+
+
+def _restore(
+    path: Path,
+    args: argparse.Namespace,
+    core: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> int:
+    state = train_state.load_checkpoint(path)
+    diff = {k: (v, getattr(args, k)) for k, v in state["args"].items() if getattr(args, k) != v}
+    if diff:
+        raise SystemExit(f"--resume: settings differ from the checkpoint (was, now): {diff}")
+    params = dict(core.named_parameters())
+    names = set(state["trainable"])
+    want = {n for n, p in params.items() if p.requires_grad}
+    if names != want:
+        raise SystemExit(f"--resume: trainable parameters differ: {sorted(names ^ want)[:5]}")
+    with torch.no_grad():
+        for n, v in state["trainable"].items():
+            params[n].copy_(v)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    train_state.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _progress(env: DistEnv, args: argparse.Namespace, start: int, total: int) -> Any:
+    if not env.is_main or args.no_progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=f"train {args.mode}", unit="step")
+
+
+def _log(
+    env: DistEnv,
+    window: dict[str, float],
+    step: int,
+    tokens: int,
+    seconds: float,
+    scheduler: Any,
+    path: Path,
+) -> dict[str, float]:
+    window = all_reduce_sums(env, {**window, "tokens": float(tokens)})
+    batches = max(window.pop("batches", 1.0), 1.0)
+    record = {"step": step, "loss": window.pop("loss_sum", 0.0) / batches}
+    record.update(aggregate_metrics({k: v for k, v in window.items() if k != "tokens"}))
+    record = {k: v for k, v in record.items() if not k.endswith("_n")}
+    record["lr"] = scheduler.get_last_lr()[0]
+    record["tok_per_s"] = window["tokens"] / max(seconds, 1e-9)
+    if env.is_main:
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    return record
+
+
+def _postfix(record: dict[str, float]) -> dict[str, str]:
+    post = {"loss": f"{record['loss']:.3f}"}
+    for k, v in record.items():
+        if k.endswith("_acc"):
+            post[k[: -len("_acc")].replace("stream", "s")] = f"{v:.2f}"
+    post["tok/s"] = f"{record['tok_per_s']:.0f}"
+    return post
+
+
+if __name__ == "__main__":
+    main()

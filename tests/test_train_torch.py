@@ -1,0 +1,349 @@
+"""PyTorch trainer: modes, loss going down, checkpoint layout, resume, data, distill, torchrun."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+import torch  # noqa: E402
+from hf_tiny import make_tiny_hf, make_tiny_tokenizer  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from ss_mlx_convert import train as train_cli  # noqa: E402
+from ss_mlx_convert.data import DataError, collate, epoch_batches, load_examples  # noqa: E402
+from ss_mlx_convert.pretrained import load_trained  # noqa: E402
+
+pytestmark = pytest.mark.torch
+MODEL_TYPES = ("llama", "qwen2", "qwen3")
+G, NS = 3, 2
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The test machine is small and shared: one thread is several times faster than two.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _row(rng: random.Random) -> dict:
+    # Cyclic letters: the future is predictable from the past, so streams can learn quickly.
+    a, n = rng.choice("abcdefgh"), rng.randint(2, 4)
+    return {
+        "prompt": f"cycle {a} {n}",
+        "completion": "".join(chr(ord(a) + k % n) for k in range(16)),
+    }
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    for mt in MODEL_TYPES:
+        make_tiny_hf(mt, root / mt, eos_token_id=3, bos_token_id=None, pad_token_id=1)
+        make_tiny_tokenizer(root / mt)
+    rng = random.Random(0)
+    for name, n in (("train.jsonl", 24), ("eval.jsonl", 6)):
+        with open(root / name, "w") as f:
+            for _ in range(n):
+                f.write(json.dumps(_row(rng)) + "\n")
+    return root
+
+
+def run_train(workdir: Path, model_type: str, mode: str, out: Path, *extra: str):
+    argv = [
+        "--model", str(workdir / model_type), "--data", str(workdir / "train.jsonl"),
+        "--mode", mode, "--streams", str(G), "--stream-layers", str(NS), "--out", str(out),
+        "--batch-size", "4", "--lr", "1e-2", "--log-every", "5", "--no-progress", *extra,
+    ]  # fmt: skip
+    return train_cli.train(train_cli.build_parser().parse_args(argv))
+
+
+def losses(out: Path, key: str = "loss") -> list[float]:
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    if key == "streams":  # the trainable part of the loss when the base is frozen
+        return [sum(r[f"stream{j}_loss"] for j in range(1, G + 1)) for r in records]
+    return [r[key] for r in records]
+
+
+def fresh_logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return base(ids).logits
+
+
+EXPECTED = {
+    "shared": {
+        "speculative_streams.safetensors",
+        "adapter_model.safetensors",
+        "adapter_config.json",
+    },
+    "lossless": {"speculative_streams.safetensors"},
+    "medusa": {"medusa_heads.safetensors"},
+}
+COMMON = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("mode", ["shared", "lossless", "medusa"])
+def test_train_30_steps(workdir, tmp_path, model_type, mode):
+    out = tmp_path / "out"
+    extra = ["--prune-rank", "4"] if mode == "shared" else []
+    res = run_train(workdir, model_type, mode, out, "--max-steps", "30", "--save-every", "15",
+                    "--eval", str(workdir / "eval.jsonl"), *extra)  # fmt: skip
+    curve = losses(out, "loss" if mode == "shared" else "streams")
+    assert len(curve) == 6 and curve[-1] < 0.8 * curve[0], curve
+
+    files = {p.name for p in out.iterdir()}
+    assert COMMON | EXPECTED[mode] <= files
+    others = set().union(*EXPECTED.values()) - EXPECTED[mode]
+    assert not files & others
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step-00000015", "step-00000030"]
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    assert (out / "model.safetensors").read_bytes() == (
+        workdir / model_type / "model.safetensors"
+    ).read_bytes()
+
+    config = json.loads((out / "config.json").read_text())
+    base_config = json.loads((workdir / model_type / "config.json").read_text())
+    assert {k: config[k] for k in base_config} == base_config
+    assert config["ss_training"]["mode"] == mode
+    ev = json.loads((out / "eval.json").read_text())
+    assert {"main_acc", "stream1_acc", f"stream{G}_acc", "accepted_streams_mean"} <= set(ev)
+
+    ids = torch.randint(4, 80, (2, 12))
+    if mode == "medusa":
+        assert config["medusa"]["num_heads"] == G and "speculative_streaming" not in config
+        heads = load_file(str(out / "medusa_heads.safetensors"))
+        assert heads["medusa_head.0.0.linear.weight"].shape == (64, 64)
+        assert len(heads) == 2 * G
+        return
+    ss = config["speculative_streaming"]
+    assert ss["format_version"] == 1 and ss["num_streams"] == G and ss["stream_layers"] == NS
+    streams = load_file(str(out / "speculative_streams.safetensors"))
+    assert all(t.dtype == torch.float32 for t in streams.values())
+    assert streams["stream_embeddings"].shape == (G, 64)
+    if mode == "lossless":
+        assert ss["adapter_rank"] == 8 and ss["prune_rank"] == 0
+        assert f"adapters.{4 - NS}.self_attn.q_proj.a" in streams
+        # The frozen base is untouched, bit for bit, in memory and on reload.
+        assert not any(p.requires_grad for p in res.model.base.parameters())
+        want = fresh_logits(workdir / model_type, ids)
+        with torch.no_grad():
+            assert torch.equal(res.model(ids)[0], want)
+    else:
+        assert ss["adapter_rank"] == 0 and ss["prune_rank"] == 4 and "prune.a" in streams
+        assert config["ss_training"]["lora_rank"] == 32
+        adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+        assert adapter_cfg["r"] == 32 and "q_proj" in adapter_cfg["target_modules"]
+    # What was written reloads to the same model.
+    reloaded = load_trained(out)
+    res.model.eval()
+    with torch.no_grad():
+        a, b = res.model(ids), reloaded(ids)
+    for x, y in zip(a, b, strict=True):
+        if x is not None:
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_continues_exactly(workdir, tmp_path):
+    common = ["--max-steps", "8", "--save-every", "4", "--grad-accum", "2", "--epochs", "1"]
+    straight = tmp_path / "a"
+    run_train(workdir, "llama", "shared", straight, *common)
+    interrupted = tmp_path / "b"
+    run_train(workdir, "llama", "shared", interrupted, *common)
+    # Pretend the run died after the step-4 checkpoint.
+    shutil.rmtree(interrupted / "checkpoints" / "step-00000008")
+    for name in ("speculative_streams.safetensors", "adapter_model.safetensors", "config.json"):
+        (interrupted / name).unlink()
+    run_train(workdir, "llama", "shared", interrupted, *common, "--resume")
+    for name in ("speculative_streams.safetensors", "adapter_model.safetensors"):
+        a, b = load_file(str(straight / name)), load_file(str(interrupted / name))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_resume_rejects_changed_settings(workdir, tmp_path):
+    out = tmp_path / "o"
+    run_train(workdir, "llama", "lossless", out, "--max-steps", "2", "--save-every", "2")
+    with pytest.raises(SystemExit, match="streams"):
+        argv_extra = ["--max-steps", "4", "--resume"]
+        train_cli.train(
+            train_cli.build_parser().parse_args(
+                [
+                    "--model",
+                    str(workdir / "llama"),
+                    "--data",
+                    str(workdir / "train.jsonl"),
+                    "--mode",
+                    "lossless",
+                    "--streams",
+                    "2",
+                    "--stream-layers",
+                    str(NS),
+                    "--out",
+                    str(out),
+                    "--no-progress",
+                    *argv_extra,
+                ]  # fmt: skip
+            )
+        )
+
+
+def test_hidden_cache_matches_uncached(workdir, tmp_path):
+    args = ["--max-steps", "12", "--save-every", "0", "--prune-rank", "2"]  # 2 epochs
+    on = run_train(workdir, "qwen3", "lossless", tmp_path / "on", *args, "--cache-hidden", "on")
+    off = run_train(workdir, "qwen3", "lossless", tmp_path / "off", *args, "--cache-hidden", "off")
+    a, b = on.model.ss_state_dict(), off.model.ss_state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    la, lb = losses(tmp_path / "on"), losses(tmp_path / "off")
+    assert la == pytest.approx(lb, rel=1e-4)
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(workdir):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(workdir / "llama")
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def scored_text(tokenizer, ex) -> str:
+    return tokenizer.decode([t for t, m in zip(ex.input_ids, ex.loss_mask, strict=True) if m])
+
+
+def test_data_row_kinds(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "hi", "completion": "yo"},
+        {"messages": [{"role": "system", "content": "be"}, {"role": "user", "content": "a"},
+                      {"role": "assistant", "content": "b1"}, {"role": "user", "content": "c"},
+                      {"role": "assistant", "content": "d2"}]},
+        {"text": "whole"},
+    ])  # fmt: skip
+    pc, msgs, text = load_examples(path, tokenizer)
+    full = tokenizer.decode(pc.input_ids)
+    assert full == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+    assert scored_text(tokenizer, pc) == "yo<|im_end|>\n"
+    assert scored_text(tokenizer, msgs) == "b1<|im_end|>\nd2<|im_end|>\n"
+    assert tokenizer.decode(text.input_ids) == "whole<|im_end|>" and all(text.loss_mask)
+    plain_path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi", "completion": "yo"}])
+    plain = load_examples(plain_path, tokenizer, use_chat_template=False)[0]
+    assert tokenizer.decode(plain.input_ids) == "hiyo<|im_end|>"
+    assert scored_text(tokenizer, plain) == "yo<|im_end|>"
+    short = load_examples(path, tokenizer, max_seq_len=5)
+    assert all(len(e.input_ids) <= 5 for e in short)
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("{not json", "invalid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ({"prompt": "x"}, "'completion' must be a string"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
+        ({"messages": [{"role": "user"}]}, "content"),
+        ({"foo": 1}, "needs 'prompt'/'completion'"),
+    ],
+)
+def test_data_errors_name_file_and_line(tokenizer, tmp_path, row, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, "", row])
+    with pytest.raises(DataError, match=rf"bad\.jsonl:3: .*{message}"):
+        load_examples(path, tokenizer)
+
+
+def test_collate_and_sharding():
+    from ss_mlx_convert.data import Example
+
+    batch = collate([Example([5, 6, 7], [0, 1, 1]), Example([8], [1])], pad_id=1)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 1, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["loss_mask"].tolist() == [[0, 1, 1], [1, 0, 0]]
+    r0 = epoch_batches(11, 2, seed=3, epoch=0, rank=0, world=2)
+    r1 = epoch_batches(11, 2, seed=3, epoch=0, rank=1, world=2)
+    flat0, flat1 = sum(r0, []), sum(r1, [])
+    assert len(r0) == len(r1) == 3 and len(flat0) == len(flat1) == 5
+    assert not set(flat0) & set(flat1)
+    assert epoch_batches(11, 2, 3, 1) != epoch_batches(11, 2, 3, 0)
+
+
+# ---- distill ---------------------------------------------------------------------------------
+
+
+def test_distill_batched_greedy_and_resumable(workdir, tmp_path):
+    import transformers
+    from ss_mlx_convert import distill
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "cycle a 3"}, {"turns": ["hello there, long prompt"]},
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
+                      {"role": "user", "content": "z"}]},
+    ])  # fmt: skip
+    out = tmp_path / "o.jsonl"
+    base = ["--model", str(workdir / "llama"), "--prompts", str(prompts), "--out", str(out),
+            "--max-new-tokens", "6", "--batch-size", "3", "--no-progress"]  # fmt: skip
+    assert distill.distill(distill.build_parser().parse_args([*base, "--limit", "2"])) == 2
+    assert distill.distill(distill.build_parser().parse_args(base)) == 1
+    assert distill.distill(distill.build_parser().parse_args(base)) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r.get("prompt") for r in rows[:2]] == ["cycle a 3", "hello there, long prompt"]
+    assert rows[2]["messages"][-1]["role"] == "assistant"
+    # Batched (left-padded) generation equals one-at-a-time generation.
+    tok = transformers.AutoTokenizer.from_pretrained(workdir / "llama")
+    model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "llama").eval()
+    for row in rows[:2]:
+        msgs = [{"role": "user", "content": row["prompt"]}]
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        gen = model.generate(ids, do_sample=False, max_new_tokens=6, eos_token_id=3, pad_token_id=1)
+        new = gen[0, ids.shape[1] :].tolist()
+        new = new[: new.index(3)] if 3 in new else new
+        assert row["completion"] == tok.decode(new, skip_special_tokens=True)
+
+
+# ---- torchrun --------------------------------------------------------------------------------
+
+
+def test_torchrun_two_cpu_processes(workdir, tmp_path):
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not on PATH")
+    out = tmp_path / "ddp"
+    cmd = [
+        torchrun, "--standalone", "--nproc_per_node", "2", "-m", "ss_mlx_convert.train",
+        "--model", str(workdir / "qwen2"), "--data", str(workdir / "train.jsonl"),
+        "--eval", str(workdir / "eval.jsonl"), "--mode", "shared", "--streams", str(G),
+        "--stream-layers", str(NS), "--out", str(out), "--max-steps", "4", "--batch-size", "2",
+        "--grad-accum", "2", "--save-every", "2", "--log-every", "2", "--no-progress",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = {p.name for p in out.iterdir()}
+    assert COMMON | EXPECTED["shared"] | {"eval.json"} <= files
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-00000002",
+        "step-00000004",
+    ]
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["main_n"] > 0 and ev["examples"] == 6
+    assert "eval on" in proc.stdout
+    load_trained(out)

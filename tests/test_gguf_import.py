@@ -130,6 +130,7 @@ def write_tiny_gguf(
     arch: str = "llama",
     pre: str = "smollm",
     types: dict[str, str] | None = None,
+    add_bos: bool = False,
     seed: int = 0,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Write a tiny llama GGUF; return (original HF tensors, what the importer must produce).
@@ -159,7 +160,7 @@ def write_tiny_gguf(
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
     w.add_pad_token_id(2)
-    w.add_add_bos_token(False)
+    w.add_add_bos_token(add_bos)
     w.add_chat_template(CHAT_TEMPLATE)
 
     plan = [("token_embd", "model.embed_tokens", "Q8_0"), ("output_norm", "model.norm", "F32")]
@@ -337,6 +338,18 @@ def test_tokenizer_and_chat_template(tiny):
     assert mtok.encode("hello world", add_special_tokens=False) == [ids["hello"], ids["Ġworld"]]
     assert mtok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == chat
     assert ids["<|im_end|>"] in mtok.eos_token_ids
+
+
+def test_llama3_pre_tokenizer_and_bos(tmp_path):
+    from transformers import AutoTokenizer
+
+    write_tiny_gguf(tmp_path / "l3.gguf", pre="llama-bpe", add_bos=True)
+    out = import_gguf(tmp_path / "l3.gguf", tmp_path / "l3", dtype="float32")
+    tok = AutoTokenizer.from_pretrained(str(out))
+    pieces = tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("hello 12345")
+    assert [p for p, _ in pieces] == ["hello", "Ġ", "123", "45"]  # digits in groups of 3
+    ids = tok.encode("hello")
+    assert ids[0] == 1 and tok.decode(ids, skip_special_tokens=True) == "hello"
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

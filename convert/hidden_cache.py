@@ -29,7 +29,7 @@ class FrozenBaseCache:
     def _fill(self, core: torch.nn.Module, batch: dict[str, torch.Tensor], idx: list[int]) -> None:
         out = core.base_forward(batch["input_ids"], batch["attention_mask"])
         stacked = torch.stack(out.stream_inputs, dim=2)  # (B, L, Ns, D)
-        logits = out.logits[:, :-1].float()  # (B, L-1, V)
+        logits = core.lm_head(out.main_hidden[:, :-1]).float()  # (B, L-1, V)
         targets = batch["input_ids"][:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         hit = logits.argmax(-1) == targets

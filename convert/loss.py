@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 
 def masked_ce(
-    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, int, int]:
     """Mean CE over mask==1 positions, their count and the number of top-1 hits.
 
-    logits (..., V), targets/mask (...). An empty mask gives a zero loss that still has a graph.
+    logits (..., V) (or (..., D) LM-head inputs when `head` is given), targets/mask (...).
+    An empty mask gives a zero loss that still has a graph.
     """
     sel = mask.bool()
     n = int(sel.sum())
     if n == 0:
         return logits.sum() * 0.0, 0, 0
-    # Select first: scoring only response rows saves most of the softmax work on prompts.
-    lg = logits[sel].float()  # (n, V)
+    # Select rows first: no logits (and no gradient buffers) for prompt and padding rows.
+    rows = logits[sel]
+    lg = (rows if head is None else head(rows)).float()  # (n, V)
     tg = targets[sel]
     loss = F.cross_entropy(lg, tg)
     correct = int((lg.argmax(-1) == tg).sum())
@@ -36,12 +41,15 @@ def ss_loss(
     alpha_streams: float | Sequence[float] = 0.1,
     exit_logits: torch.Tensor | None = None,
     exit_weight: float = 0.1,
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """eq. 5: alpha0 * CE(main_i -> x_{i+1}) + sum_j alpha_j * CE(stream_{i,j} -> x_{i+1+j}).
 
     main_logits (B,L,V) or None (term skipped, e.g. a frozen base whose stats come from a cache);
-    stream_logits (B,L,G,V); input_ids, loss_mask (B,L), loss_mask 1 on response tokens. Each term
-    is a mean over the positions whose target is a response token. Metrics per term:
+    stream_logits (B,L,G,V); input_ids, loss_mask (B,L), loss_mask 1 on response tokens. With
+    `head` (e.g. `model.lm_head`) the three "logits" are LM-head inputs (last dim D) and only
+    scored rows go through the head. Each term is a mean over the positions whose target is a
+    response token. Metrics per term:
     `{name}_loss`, `{name}_acc`, `{name}_n` (count) and `{name}_correct`, with name in main,
     stream1..streamG, exit; plus `loss`.
     """
@@ -58,7 +66,7 @@ def ss_loss(
         # Position i predicts token i + shift; positions without a target drop out.
         nonlocal total
         loss, n, correct = masked_ce(
-            logits[:, : L - shift], input_ids[:, shift:], loss_mask[:, shift:]
+            logits[:, : L - shift], input_ids[:, shift:], loss_mask[:, shift:], head
         )
         total = total + weight * loss
         metrics.update(term_metrics(name, float(loss.detach()), n, correct))
@@ -119,19 +127,24 @@ def _order(name: str) -> tuple[int, int]:
 
 @torch.no_grad()
 def chain_acceptance(
-    stream_logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor
+    stream_logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[float, int]:
     """Sum and count of the leading run of correct streams per position (greedy chain draft).
 
     Counted at positions i whose main target x_{i+1} and last stream target x_{i+1+G} are both
     response tokens; 1 + the mean is the tokens per step a width-1 draft would give on this data.
+    stream_logits (B,L,G,V), or LM-head inputs (B,L,G,D) with `head`.
     """
     B, L, G, _ = stream_logits.shape
     n = L - 1 - G  # positions whose every stream target exists
     if n <= 0:
         return 0.0, 0
-    pred = stream_logits[:, :n].argmax(-1)  # (B, n, G)
+    valid = loss_mask[:, 1 : 1 + n].bool() & loss_mask[:, 1 + G : 1 + G + n].bool()  # (B, n)
+    rows = stream_logits[:, :n][valid]  # (m, G, V or D)
+    pred = (rows if head is None else head(rows)).argmax(-1)  # (m, G)
     targets = torch.stack([input_ids[:, 1 + j : 1 + j + n] for j in range(1, G + 1)], dim=-1)
-    run = (pred == targets).long().cumprod(dim=-1).sum(-1)  # (B, n)
-    valid = loss_mask[:, 1 : 1 + n].bool() & loss_mask[:, 1 + G : 1 + G + n].bool()
-    return float(run[valid].sum()), int(valid.sum())
+    run = (pred == targets[valid]).long().cumprod(dim=-1).sum(-1)  # (m,)
+    return float(run.sum()), int(valid.sum())

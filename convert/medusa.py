@@ -69,6 +69,9 @@ class MedusaLM(nn.Module):
             raise ValueError(f"medusa heads: unexpected tensors {bad}")
         self.medusa_head.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items()})
 
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        return hf_causal_lm(self.base).get_output_embeddings()(h)
+
     def base_forward(
         self,
         input_ids: torch.Tensor,
@@ -77,15 +80,14 @@ class MedusaLM(nn.Module):
     ) -> BaseOutput:
         if position_ids is None:
             position_ids = default_position_ids(input_ids, attention_mask)
-        hf = hf_causal_lm(self.base)
-        out = hf.model(
+        out = hf_causal_lm(self.base).model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
         )
         h = out.last_hidden_state  # (B, L, D), after the final norm
-        return BaseOutput(hf.get_output_embeddings()(h), (h,), position_ids)
+        return BaseOutput(h, (h,), position_ids)
 
     def forward(
         self,
@@ -93,20 +95,24 @@ class MedusaLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         base_output: BaseOutput | None = None,
+        return_hidden: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor, None]:
+        """-> main logits (B,L,V), head logits (B,L,K,V), None; LM-head inputs if return_hidden."""
         if base_output is None:
             with torch.no_grad():
                 base_output = self.base_forward(input_ids, attention_mask, position_ids)
-        heads, _ = self.stream_forward(base_output.stream_inputs, base_output.position_ids)
-        return base_output.logits, heads, None
+        heads, _ = self.stream_hidden(base_output.stream_inputs, base_output.position_ids)
+        main = base_output.main_hidden
+        if return_hidden:
+            return main, heads, None
+        return (None if main is None else self.lm_head(main)), self.lm_head(heads), None
 
-    def stream_forward(
+    def stream_hidden(
         self,
         stream_inputs: Sequence[torch.Tensor],
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None]:
+        """LM-head inputs of the K heads (B,L,K,D) from the final normed hidden state."""
         h = stream_inputs[0]  # (B, L, D)
-        lm_head = hf_causal_lm(self.base).get_output_embeddings()
-        heads = torch.stack([lm_head(head(h)) for head in self.medusa_head], dim=2)  # (B,L,K,V)
-        return heads, None
+        return torch.stack([head(h) for head in self.medusa_head], dim=2), None

@@ -21,7 +21,7 @@ from .ss_config import normalize_ss_config
 class BaseOutput:
     """What the (possibly frozen) base contributes to the stream computation."""
 
-    logits: torch.Tensor | None  # (B, L, V) main logits
+    main_hidden: torch.Tensor | None  # (B, L, D) final normed main hidden (lm_head input)
     stream_inputs: tuple[torch.Tensor, ...]  # Ns x (B, L, D): main hidden entering layers s..N-1
     position_ids: torch.Tensor  # (B, L)
 
@@ -111,9 +111,9 @@ class StreamingLM(nn.Module):
     def _layers(self) -> nn.ModuleList:
         return self.hf().model.layers
 
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        hf = self.hf()
-        return hf.get_output_embeddings()(hf.model.norm(h))
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        """The base's LM head on final normed hidden states (..., D) -> (..., V)."""
+        return self.hf().get_output_embeddings()(h)
 
     # ---- stream parameters in docs/format.md naming ------------------------------------------
 
@@ -158,11 +158,13 @@ class StreamingLM(nn.Module):
             position_ids=position_ids,
             output_hidden_states=True,
             use_cache=False,
+            logits_to_keep=1,  # the loss applies the LM head to the scored rows only
         )
-        # hidden_states[l] is the input of layer l (hidden_states[0] = token embeddings).
+        # hidden_states[l] is the input of layer l (hidden_states[0] = token embeddings);
+        # hidden_states[N] is the final normed state that the LM head reads.
         hs = out.hidden_states
         return BaseOutput(
-            out.logits, tuple(hs[self.first_stream_layer : self.num_layers]), position_ids
+            hs[self.num_layers], tuple(hs[self.first_stream_layer : self.num_layers]), position_ids
         )
 
     def forward(
@@ -171,27 +173,35 @@ class StreamingLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         base_output: BaseOutput | None = None,
+        return_hidden: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """-> main logits (B,L,V), stream logits (B,L,G,V), early-exit logits (B,L,V) or None.
 
-        `base_output` (e.g. cached for a frozen base) skips the base pass; its logits may be None.
+        return_hidden: the same three as LM-head inputs (D instead of V; apply `lm_head`), so a
+        loss can score selected rows without materialising (B,L,G,V) logits.
+        base_output (e.g. cached for a frozen base) skips the base pass; its main_hidden may
+        be None (then so is the first output).
         """
         if base_output is None:
             trainable_base = any(p.requires_grad for p in self.base.parameters())
             with torch.set_grad_enabled(torch.is_grad_enabled() and trainable_base):
                 base_output = self.base_forward(input_ids, attention_mask, position_ids)
-        streams, exit_logits = self.stream_forward(
+        streams, exits = self.stream_hidden(
             base_output.stream_inputs, base_output.position_ids, attention_mask
         )
-        return base_output.logits, streams, exit_logits
+        outs = (base_output.main_hidden, streams, exits)
+        if return_hidden:
+            return outs
+        return tuple(None if h is None else self.lm_head(h) for h in outs)  # type: ignore[return-value]
 
-    def stream_forward(
+    def stream_hidden(
         self,
         stream_inputs: Sequence[torch.Tensor],
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Stream logits (B,L,G,V) and early-exit logits from main hidden states entering s..N-1."""
+        """Final normed stream states (B,L,G,D) and early-exit states (B,L,D) or None, from the
+        main hidden states entering layers s..N-1 (Ns x (B,L,D))."""
         h = stream_inputs[0]  # (B, L, D)
         B, L, _ = h.shape
         G = self.num_streams
@@ -228,13 +238,12 @@ class StreamingLM(nn.Module):
                 main_allowed,
                 stream_allowed,
             )
-        stream_logits = self._head(S)
-
-        exit_logits = None
+        norm = hf.model.norm
+        exits = None
         if self.prune is not None:
             delta = (h @ self.prune.a.to(h.dtype)) @ self.prune.b.to(h.dtype)
-            exit_logits = self._head(h + delta)
-        return stream_logits, exit_logits
+            exits = norm(h + delta)
+        return norm(S), exits
 
     # ---- one stream layer ------------------------------------------------------------------------
 

@@ -340,12 +340,15 @@ def _batch_loss(
     loss_kw: dict[str, Any],
 ) -> tuple[torch.Tensor, dict[str, float]]:
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    # LM-head inputs out of the (DDP) forward; the frozen LM head runs on scored rows only.
     if cache is None:
-        main, streams, exit_logits = model(ids, attn)
-        return ss_loss(main, streams, ids, mask, exit_logits=exit_logits, **loss_kw)
+        main, streams, exits = model(ids, attn, return_hidden=True)
+        return ss_loss(main, streams, ids, mask, exit_logits=exits, head=core.lm_head, **loss_kw)
     base_out, main_metrics = cache.lookup(core, batch, idx)
-    _, streams, exit_logits = model(ids, attn, base_output=base_out)
-    loss, metrics = ss_loss(None, streams, ids, mask, exit_logits=exit_logits, **loss_kw)
+    _, streams, exits = model(ids, attn, base_output=base_out, return_hidden=True)
+    loss, metrics = ss_loss(
+        None, streams, ids, mask, exit_logits=exits, head=core.lm_head, **loss_kw
+    )
     metrics.update(main_metrics)
     # Report the same total as without the cache (the main term has no gradient here).
     metrics["loss"] += loss_kw["alpha0"] * main_metrics["main_loss"]
@@ -411,10 +414,12 @@ def evaluate(
     for i in range(0, len(mine), batch_size):
         batch = _to(collate([examples[k] for k in mine[i : i + batch_size]], pad_id), device)
         ids, mask = batch["input_ids"], batch["loss_mask"]
-        main, streams, exit_logits = core(ids, batch["attention_mask"])
-        _, metrics = ss_loss(main, streams, ids, mask, exit_logits=exit_logits, **loss_kw)
+        main, streams, exits = core(ids, batch["attention_mask"], return_hidden=True)
+        _, metrics = ss_loss(
+            main, streams, ids, mask, exit_logits=exits, head=core.lm_head, **loss_kw
+        )
         accumulate(sums, metrics)
-        chain, count = chain_acceptance(streams, ids, mask)
+        chain, count = chain_acceptance(streams, ids, mask, head=core.lm_head)
         sums["chain_sum"] += chain
         sums["chain_n"] += count
     sums = all_reduce_sums(env, sums)

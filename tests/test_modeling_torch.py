@@ -264,3 +264,22 @@ def test_loss_targets_and_masking():
     streams2[0, 0, 0] = 0.0  # stream 1 at i=0 targets ids[2], a prompt token: not scored
     _, m3 = ss_loss(main, streams2, ids, mask)
     assert m3["stream1_acc"] == 1.0
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "phi3"])
+def test_loss_on_hidden_rows_equals_loss_on_logits(model_type):
+    model = full_model(model_type)
+    ids = torch.randint(4, 96, (2, 10))
+    mask = torch.zeros_like(ids)
+    mask[0, 4:] = 1
+    mask[1, 2:8] = 1
+    with torch.no_grad():
+        logits = model(ids)
+        hidden = model(ids, return_hidden=True)
+    assert hidden[1].shape == (2, 10, 3, 64)
+    torch.testing.assert_close(model.lm_head(hidden[1]), logits[1])
+    a, ma = ss_loss(logits[0], logits[1], ids, mask, exit_logits=logits[2])
+    b, mb = ss_loss(hidden[0], hidden[1], ids, mask, exit_logits=hidden[2], head=model.lm_head)
+    torch.testing.assert_close(a, b)
+    assert ma.keys() == mb.keys()
+    assert all(ma[k] == pytest.approx(mb[k], rel=1e-5, abs=1e-6) for k in ma)

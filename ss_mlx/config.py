@@ -7,7 +7,7 @@ CONFIG_KEY = "speculative_streaming"
 STREAMS_FILE = "speculative_streams.safetensors"
 FORMAT_VERSION = 1
 
-# model_type after mlx-lm's MODEL_REMAPPING (mistral -> llama) -> linear modules an adapter may wrap.
+# model_type (after mlx-lm's remapping, mistral -> llama) -> modules an adapter may wrap.
 _SPLIT_QKV = (
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -109,7 +109,7 @@ class SSConfig:
         return self.adapter_modules if self.adapter_rank > 0 else ()
 
     def stream_position_offsets(self) -> list[int]:
-        """RoPE position of stream j (1-based) relative to its token: the one place this is decided."""
+        """RoPE position of stream j (1-based) relative to its token; decided only here."""
         if self.stream_position_mode == "shifted":
             return list(range(1, self.num_streams + 1))
         return [0] * self.num_streams

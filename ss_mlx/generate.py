@@ -1,4 +1,4 @@
-"""The Speculative Streaming decoding loop, the mlx-lm-style API around it, and `ss-mlx generate`."""
+"""The Speculative Streaming decoding loop, its mlx-lm-style API, and `ss-mlx generate`."""
 
 import argparse
 import sys
@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import mlx.core as mx
+from mlx_lm.sample_utils import LogitsProcessor, make_logits_processors
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import check_cache, commit_path, make_cache, trim
 from .model import SSModel
+from .rules import ACCEPT_RULES, RELAXED_RULES, TypicalParams, draft, resolve_rule, verify
+from .sampling import SamplerConfig
 from .tree import TreeSpec, default_tree, root_only
-from .verify import greedy_verify
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_PROMPT = "Write a haiku about speculative decoding."
@@ -26,6 +28,7 @@ class StepToken(NamedTuple):
     from_draft: bool  # True when it was a verified draft token
     accepted: int  # draft tokens accepted in the forward pass that emitted it
     step: int  # index of that forward pass (0 = the pass right after prefill)
+    rule: str = "greedy"  # the acceptance rule that produced it
 
 
 @dataclass
@@ -42,6 +45,8 @@ class GenerationResponse:
         forward_passes: decoding forward passes so far; tokens_per_pass = tokens / passes.
         peak_memory: peak memory so far in GB.
         finish_reason: "stop" (EOS), "length" (max_tokens) or None.
+        accept_rule: the rule that accepted the token: "greedy", "simple", "rrs" (exact) or
+            "typical" (relaxed, not exact).
     """
 
     text: str
@@ -56,6 +61,7 @@ class GenerationResponse:
     tokens_per_pass: float
     peak_memory: float
     finish_reason: str | None = None
+    accept_rule: str = "greedy"
     logprobs: mx.array | None = None
 
 
@@ -106,11 +112,17 @@ def ss_generate_step(
     prompt_cache: list[Any] | None = None,
     prefill_step_size: int = 2048,
     drafter: Callable[[list[int], TreeSpec], Sequence[int]] | None = None,
+    sampler: SamplerConfig | None = None,
+    accept_rule: str = "auto",
+    typical: TypicalParams | None = None,
+    logits_processors: list[LogitsProcessor] | None = None,
 ) -> Generator[StepToken, None, None]:
-    """Greedy Speculative Streaming: yields tokens identical to greedy autoregressive decoding.
+    """Speculative Streaming decoding, token by token.
 
     Each forward pass verifies the previous draft tree and drafts the next one from the
-    streams of the deepest accepted node, with one host sync per pass.
+    streams of the deepest accepted node, with one host sync per pass. With the exact rules
+    (greedy at temp 0; "simple" or "rrs" above) the tokens have exactly the distribution of
+    mlx-lm's autoregressive decoding with the same sampler and logits processors.
 
     Args:
         prompt: (L,) token ids.
@@ -124,9 +136,20 @@ def ss_generate_step(
             token history (prompt + emitted tokens, the pending root last) and the tree, it
             returns the T - 1 draft tokens. Used for oracle tests and other draft sources
             (e.g. prompt lookup); verification is the same, so output stays lossless.
+        sampler: sampling settings (default greedy).
+        accept_rule: "auto" (greedy at temp 0, "rrs" above), "greedy", "simple", "rrs", or
+            the relaxed, NOT exact "typical".
+        typical: thresholds of the "typical" rule.
+        logits_processors: mlx-lm style ``processor(tokens, logits) -> logits``; at each tree
+            node ``tokens`` is that node's own history (prompt, emitted tokens, its path).
     """
     spec = resolve_tree(model, tree)
     _check_prompt(prompt, model, max_tokens)
+    sampler = sampler or SamplerConfig()
+    rule = resolve_rule(accept_rule, sampler)
+    typical = typical or TypicalParams()
+    if drafter is not None and rule == "rrs":
+        rule = "simple"  # an external drafter has no draft distribution to test against
     cache = make_cache(model.base) if prompt_cache is None else prompt_cache
     check_cache(cache)
 
@@ -138,43 +161,82 @@ def ss_generate_step(
         mx.eval([c.state for c in cache])
         body = body[n:]
 
-    history = prompt.tolist() if drafter is not None else []
+    track = drafter is not None or bool(logits_processors)
+    history = prompt.tolist() if track else []
+    draft_state = None
     root = prompt[-1:].astype(mx.int32)  # (1,)
-    draft = mx.zeros((0,), dtype=mx.int32)
+    draft_tokens = mx.zeros((0,), dtype=mx.int32)
+    draft_host: list[int] = []
     step_tree = root_only()
     emitted = 0
     pending_trim = 0
     try:
         for step in range(max_tokens):
             start = cache[0].offset
-            tokens = mx.concatenate([root, draft])  # (T,)
+            tokens = mx.concatenate([root, draft_tokens])  # (T,)
             main_logits, stream_h = model.tree_forward(
                 tokens, start + step_tree.depths, step_tree.ancestor_mask, cache
             )
-            verdict = greedy_verify(step_tree, tokens, main_logits)
+            if logits_processors:
+                main_logits = _process_per_node(
+                    logits_processors, history, step_tree, draft_host, main_logits
+                )
+            verdict = verify(rule, step_tree, tokens, main_logits, sampler, draft_state, typical)
             if drafter is None:
-                next_draft = spec.draft_tokens(model.head(stream_h[verdict.best, : spec.depth]))
+                next_draft, next_state = draft(
+                    rule, spec, model.head(stream_h[verdict.best, : spec.depth]), sampler
+                )
             path_tokens = tokens[verdict.path]
-            mx.eval(verdict.accepted, verdict.path, path_tokens, verdict.next_token,
-                    next_draft if drafter is None else [])
+            mx.eval(
+                verdict.accepted,
+                verdict.path,
+                path_tokens,
+                verdict.next_token,
+                next_draft if drafter is None else [],
+            )
             n = verdict.accepted.item()
             commit_path(cache, start, verdict.path, n + 1)
             out = path_tokens[1 : n + 1].tolist() + [verdict.next_token.item()]
-            if drafter is not None:
+            if track:
                 history.extend(out)
-                next_draft = _external_draft(drafter, history, spec)
+            if drafter is not None:
+                next_draft, next_state = _external_draft(drafter, history, spec), None
+            draft_host = next_draft.tolist() if logits_processors else []
             for i, token in enumerate(out):
                 # If generation stops after this token, the cache keeps everything up to it
                 # but not it: the n - i accepted rows after it are dropped.
                 pending_trim = n - i
-                yield StepToken(token, i < n, n, step)
+                yield StepToken(token, i < n, n, step, rule)
                 emitted += 1
                 if emitted == max_tokens:
                     return
             pending_trim = 0
-            root, draft, step_tree = verdict.next_token[None].astype(mx.int32), next_draft, spec
+            root = verdict.next_token[None].astype(mx.int32)
+            draft_tokens, draft_state, step_tree = next_draft, next_state, spec
     finally:
         trim(cache, pending_trim)
+
+
+def _process_per_node(
+    processors: list[LogitsProcessor],
+    history: list[int],
+    tree: TreeSpec,
+    draft_host: list[int],
+    logits: mx.array,
+) -> mx.array:
+    """Run history-dependent processors at every node with that node's own history.
+
+    history ends with the root token; node i adds the draft tokens on its path. logits: (T, V).
+    """
+    rows = []
+    for i, path in enumerate(tree.paths):
+        index = [tree.paths.index(path[:d]) for d in range(1, len(path) + 1)]
+        toks = mx.array(history + [draft_host[j - 1] for j in index], dtype=mx.int32)
+        row = logits[i : i + 1]
+        for proc in processors:
+            row = proc(toks, row)
+        rows.append(row)
+    return mx.concatenate(rows, axis=0)
 
 
 def _external_draft(
@@ -188,8 +250,9 @@ def _external_draft(
     return mx.array(draft, dtype=mx.int32)
 
 
-def _encode(tokenizer: TokenizerWrapper, prompt: Any, apply_chat_template: bool,
-            system_prompt: str | None) -> mx.array:
+def _encode(
+    tokenizer: TokenizerWrapper, prompt: Any, apply_chat_template: bool, system_prompt: str | None
+) -> mx.array:
     if isinstance(prompt, mx.array):
         return prompt.astype(mx.int32)
     if isinstance(prompt, str):
@@ -218,6 +281,11 @@ def stream_generate(
     *,
     apply_chat_template: bool = False,
     system_prompt: str | None = None,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: int | None = None,
     **kwargs: Any,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate text with Speculative Streaming, yielding one response per token.
@@ -230,8 +298,14 @@ def stream_generate(
         apply_chat_template: wrap a text prompt as a user message with the tokenizer's chat
             template (when it has one). Default: ``False``, as in mlx-lm's API.
         system_prompt: system message used with the chat template.
-        kwargs: passed to :func:`ss_generate_step` (``tree``, ``prompt_cache``, ...).
+        temp, top_p, top_k, min_p: mlx-lm sampler settings (temp 0 = greedy).
+        seed: seeds MLX's random state before generating.
+        kwargs: passed to :func:`ss_generate_step` (``tree``, ``prompt_cache``,
+            ``accept_rule``, ``logits_processors``, ...).
     """
+    sampler = SamplerConfig(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    if seed is not None:
+        mx.random.seed(seed)
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     ids = _encode(tokenizer, prompt, apply_chat_template, system_prompt)
@@ -260,9 +334,10 @@ def stream_generate(
             tokens_per_pass=count / max(passes, 1),
             peak_memory=mx.get_peak_memory() / 1e9,
             finish_reason=reason,
+            accept_rule=st.rule,
         )
 
-    gen = ss_generate_step(ids, model, max_tokens=max_tokens, **kwargs)
+    gen = ss_generate_step(ids, model, max_tokens=max_tokens, sampler=sampler, **kwargs)
     st = None
     try:
         for n, st in enumerate(gen):
@@ -306,11 +381,16 @@ def generate(
         print()
         print("=" * 10)
         print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
-        print(f"Generation: {last.generation_tokens} tokens, "
-              f"{last.generation_tps:.3f} tokens-per-sec")
-        print(f"Forward passes: {last.forward_passes}, "
-              f"{last.tokens_per_pass:.2f} tokens per pass")
+        print(
+            f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec"
+        )
+        print(f"Forward passes: {last.forward_passes}, {last.tokens_per_pass:.2f} tokens per pass")
         print(f"Peak memory: {last.peak_memory:.3f} GB")
+        if last.accept_rule in RELAXED_RULES:
+            print(
+                f"Acceptance rule '{last.accept_rule}' is relaxed: the output is NOT an exact "
+                "sample of the model's distribution"
+            )
     return text
 
 
@@ -321,11 +401,33 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="SS model directory (default: the embedded default model)")
     p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="prompt text ('-' reads stdin)")
     p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
-    p.add_argument("--tree", help="draft tree: widths '3,2,1', widths with node budget "
-                   "'4,2,1:8', a JSON list of rank paths, or a .json file")
+    p.add_argument(
+        "--tree",
+        help="draft tree: widths '3,2,1', widths with node budget "
+        "'4,2,1:8', a JSON list of rank paths, or a .json file",
+    )
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--accept-rule",
+        choices=ACCEPT_RULES,
+        default="auto",
+        help="auto: greedy at temp 0, exact rejection sampling ('rrs') above; "
+        "'typical' is a relaxed rule whose output is NOT the model's distribution",
+    )
+    p.add_argument("--typical-threshold", type=float, default=TypicalParams.threshold)
+    p.add_argument("--typical-alpha", type=float, default=TypicalParams.alpha)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--repetition-context-size", type=int, default=20)
     p.add_argument("--system-prompt", default=None)
-    p.add_argument("--ignore-chat-template", action="store_true",
-                   help="feed the prompt as raw text, without the chat template")
+    p.add_argument(
+        "--ignore-chat-template",
+        action="store_true",
+        help="feed the prompt as raw text, without the chat template",
+    )
     p.add_argument("--verbose", action="store_true", help="print speed and acceptance statistics")
     return p
 
@@ -341,9 +443,27 @@ def main(argv: list[str] | None = None) -> None:
             args.model = ensure_default_model()
         model, tokenizer = load(args.model)
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        processors = make_logits_processors(
+            repetition_penalty=args.repetition_penalty,
+            repetition_context_size=args.repetition_context_size,
+        )
         text = generate(
-            model, tokenizer, prompt, args.max_tokens, verbose=args.verbose, tree=args.tree,
-            apply_chat_template=not args.ignore_chat_template, system_prompt=args.system_prompt,
+            model,
+            tokenizer,
+            prompt,
+            args.max_tokens,
+            verbose=args.verbose,
+            tree=args.tree,
+            apply_chat_template=not args.ignore_chat_template,
+            system_prompt=args.system_prompt,
+            temp=args.temp,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            seed=args.seed,
+            accept_rule=args.accept_rule,
+            logits_processors=processors,
+            typical=TypicalParams(args.typical_threshold, args.typical_alpha),
         )
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"ss-mlx generate: error: {e}")

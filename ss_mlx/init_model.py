@@ -46,14 +46,16 @@ def init_model(
     check_supported(config, src)
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty (use --force to replace it)")
-    cfg = SSConfig.from_dict({
-        "num_streams": streams,
-        "stream_layers": stream_layers,
-        "stream_position_mode": stream_position_mode,
-        "adapter_rank": adapter_rank,
-        "adapter_modules": list(adapter_modules),
-        "adapter_scale": 1.0,
-    })
+    cfg = SSConfig.from_dict(
+        {
+            "num_streams": streams,
+            "stream_layers": stream_layers,
+            "stream_position_mode": stream_position_mode,
+            "adapter_rank": adapter_rank,
+            "adapter_modules": list(adapter_modules),
+            "adapter_scale": 1.0,
+        }
+    )
     base, _ = mlx_lm.load(str(src), lazy=True)
     cfg.check_model(model_type_of(config), len(base.layers))
     tensors = random_stream_tensors(
@@ -89,17 +91,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stream-position-mode", choices=["shifted", "anchor"], default="shifted")
     p.add_argument("--adapter-rank", type=int, default=0)
     p.add_argument("--adapter-modules", nargs="*", default=[])
-    p.add_argument("--adapter-init-scale", type=float, default=0.0,
-                   help="std of the adapters' B matrices (0 = adapters off)")
+    p.add_argument(
+        "--adapter-init-scale",
+        type=float,
+        default=0.0,
+        help="std of the adapters' B matrices (0 = adapters off)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     args = p.parse_args(argv)
     try:
         out = init_model(
-            args.model, args.out, streams=args.streams, stream_layers=args.stream_layers,
-            stream_position_mode=args.stream_position_mode, adapter_rank=args.adapter_rank,
+            args.model,
+            args.out,
+            streams=args.streams,
+            stream_layers=args.stream_layers,
+            stream_position_mode=args.stream_position_mode,
+            adapter_rank=args.adapter_rank,
             adapter_modules=tuple(args.adapter_modules),
-            adapter_init_scale=args.adapter_init_scale, seed=args.seed, force=args.force,
+            adapter_init_scale=args.adapter_init_scale,
+            seed=args.seed,
+            force=args.force,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"ss-mlx init: error: {e}")

@@ -19,7 +19,7 @@ from .streams import StreamParams, check_tensors, expected_shapes
 
 
 def resolve_model_path(path_or_repo: str | Path) -> Path:
-    """A local directory, or a Hugging Face repo fetched through mlx-lm when the hub is reachable."""
+    """A local directory, or a Hub repo fetched through mlx-lm where the hub is reachable."""
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -84,8 +84,9 @@ def stream_shapes(base: nn.Module, cfg: SSConfig) -> dict[str, tuple[int, ...]]:
     return expected_shapes(cfg, len(base.layers), dims, hidden)
 
 
-def attach_streams(base: nn.Module, cfg: SSConfig, tensors: dict[str, mx.array],
-                   source: str) -> SSModel:
+def attach_streams(
+    base: nn.Module, cfg: SSConfig, tensors: dict[str, mx.array], source: str
+) -> SSModel:
     """Validate stream tensors against `base` and wrap it."""
     layers = base.layers
     cfg.check_model(MODEL_REMAPPING.get(base.model_type, base.model_type), len(layers))

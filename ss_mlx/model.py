@@ -34,7 +34,7 @@ def plain_tree_forward(
     """
     h = base.model.embed_tokens(tokens[None])  # (1, T, D)
     mask = with_context(ancestor_mask, cache[0].offset if cache else 0)
-    for layer, c in zip(base.model.layers, cache or [None] * len(base.model.layers)):
+    for layer, c in zip(base.model.layers, cache or [None] * len(base.model.layers), strict=True):
         h = arch.block(layer, h, positions, mask, c)
     return _head(base, h[0]), h[0]
 

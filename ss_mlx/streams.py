@@ -44,8 +44,9 @@ def check_tensors(
     if wrong:
         problems.append(f"wrong shapes: {wrong}")
     if problems:
-        raise ValueError(f"{source} does not match the speculative_streaming config; " +
-                         "; ".join(problems))
+        raise ValueError(
+            f"{source} does not match the speculative_streaming config; " + "; ".join(problems)
+        )
 
 
 class StreamParams(nn.Module):
@@ -67,7 +68,9 @@ class StreamParams(nn.Module):
         self.prune = (tensors["prune.a"], tensors["prune.b"]) if cfg.prune_rank > 0 else None
 
     def rows(self, layer: int, n_main: int) -> StreamRows:
-        return StreamRows(n_main, self.cfg.num_streams, self.adapters[layer], self.cfg.adapter_scale)
+        return StreamRows(
+            n_main, self.cfg.num_streams, self.adapters[layer], self.cfg.adapter_scale
+        )
 
     def tensors(self) -> dict[str, mx.array]:
         out = {"stream_embeddings": self.stream_embeddings}

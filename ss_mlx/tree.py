@@ -27,6 +27,8 @@ class TreeSpec:
         ranks: (T,) int32, rank of the node's token in its stream's top-k (0 for the root).
         ancestor_mask: (T, T) bool, ``[i, k]`` is True when k is i or an ancestor of i.
         path_table: (T, D + 1) int32, the nodes from the root down to i, padded with i.
+        child_table: (T, K) int32, the node holding rank r under node i, or -1 (K = max width).
+        levels: per depth d < D, the (n_d,) indices of the nodes at depth d.
     """
 
     def __init__(self, paths: Sequence[Sequence[int]]):
@@ -46,16 +48,22 @@ class TreeSpec:
             anc[i, chain] = True
             table[i] = chain + [i] * (self.depth + 1 - len(chain))
         # widths[d] = how many top tokens stream d+1 must provide.
-        self.widths = tuple(
-            int(ranks[depths == d].max()) + 1 for d in range(1, self.depth + 1)
-        )
+        self.widths = tuple(int(ranks[depths == d].max()) + 1 for d in range(1, self.depth + 1))
         self.parents = mx.array(parents)
         self.depths = mx.array(depths)
         self.ranks = mx.array(ranks)
         self.ancestor_mask = mx.array(anc)
         self.path_table = mx.array(table)
-        # Draft nodes read top-k entry [depth - 1, rank]; flattened for one gather.
-        self._draft_index = mx.array((depths[1:] - 1) * max(self.widths or (1,)) + ranks[1:])
+        K = max(self.widths or (1,))
+        children = np.full((T, K), -1, dtype=np.int32)
+        for i, p in enumerate(self.paths[1:], start=1):
+            children[parents[i], p[-1]] = i
+        self.child_table = mx.array(children)
+        self.levels = [
+            mx.array(np.flatnonzero(depths == d).astype(np.int32)) for d in range(self.depth)
+        ]
+        # Draft nodes read entry [depth - 1, rank] of the (D, K) candidates; flattened.
+        self._draft_index = mx.array((depths[1:] - 1) * K + ranks[1:])
 
     @classmethod
     def from_widths(
@@ -128,20 +136,36 @@ class TreeSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"paths": [list(p) for p in self.paths[1:]]}
 
-    def draft_tokens(self, stream_logits: mx.array) -> mx.array:
-        """Fill the draft nodes from the streams of one node.
+    @property
+    def max_width(self) -> int:
+        return max(self.widths or (1,))
 
-        stream_logits: (G, V) with G >= depth. Returns (T - 1,) token ids.
+    def top_candidates(self, stream_logits: mx.array) -> mx.array:
+        """The top-K tokens of each stream, best first. stream_logits: (G, V), G >= depth.
+
+        Returns (D, K) token ids.
         """
-        if self.depth == 0:
-            return mx.zeros((0,), dtype=mx.int32)
-        k = max(self.widths)
+        k = self.max_width
         logits = stream_logits[: self.depth]  # (D, V)
         # argpartition gives the top k unordered; order them so rank 0 is the argmax.
         top = mx.argpartition(-logits, kth=k - 1, axis=-1)[:, :k]  # (D, k)
         vals = mx.take_along_axis(logits, top, axis=-1)
-        top = mx.take_along_axis(top, mx.argsort(-vals, axis=-1), axis=-1)
-        return top.reshape(-1)[self._draft_index].astype(mx.int32)
+        return mx.take_along_axis(top, mx.argsort(-vals, axis=-1), axis=-1)
+
+    def fill(self, candidates: mx.array) -> mx.array:
+        """Place ranked candidates into the tree: node (.., r) at depth d gets candidates[d-1, r].
+
+        candidates: (D, K). Returns (T - 1,) draft token ids.
+        """
+        if self.depth == 0:
+            return mx.zeros((0,), dtype=mx.int32)
+        return candidates.reshape(-1)[self._draft_index].astype(mx.int32)
+
+    def draft_tokens(self, stream_logits: mx.array) -> mx.array:
+        """Greedy drafting: rank r of stream d fills the nodes (.., r) at depth d. -> (T - 1,)"""
+        if self.depth == 0:
+            return mx.zeros((0,), dtype=mx.int32)
+        return self.fill(self.top_candidates(stream_logits))
 
     def __repr__(self) -> str:
         return f"TreeSpec(nodes={self.num_nodes}, depth={self.depth}, widths={self.widths})"

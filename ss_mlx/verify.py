@@ -1,4 +1,22 @@
-"""Greedy verification of a draft tree (pure array code, no host syncs)."""
+"""Acceptance rules for a draft tree (pure array code, no host syncs).
+
+Every rule returns a `Verdict`: the deepest accepted node, its root path, and the next token.
+
+Exact rules (the emitted sequence has exactly the distribution of autoregressive decoding with
+the same sampler):
+
+* `greedy_verify` (temp 0): node c is accepted iff its token is the argmax at its parent.
+* `match_verify` (temp > 0, "simple"): draw one token x_i ~ p_i at every node independently;
+  node c is accepted iff its token equals the draw at its parent. Proof: the emitted tokens are
+  the draws along the followed path plus the draw at its last node; each draw is a fresh sample
+  of p at its own prefix, independent of how that prefix was reached.
+* `rrs_verify` (temp > 0, "rrs"): recursive rejection sampling without replacement, using the
+  streams' distribution q as the draft distribution (proof sketch at the function).
+
+Relaxed rules (NOT exact; opt-in, labelled as such in responses):
+
+* `typical_verify`: Medusa's typical acceptance (posterior threshold / alpha).
+"""
 
 from typing import NamedTuple
 
@@ -11,8 +29,8 @@ class Verdict(NamedTuple):
     """Outcome of verifying one tree (all lazily evaluated arrays).
 
     best: () index of the deepest accepted node; accepted: () number of accepted draft tokens;
-    path: (D + 1,) node indices root -> best (padded); next_token: () the main stream's token
-    after `best` (the correction, or the bonus token when the whole path is accepted).
+    path: (D + 1,) node indices root -> best (padded); next_token: () the token that follows
+    `best` (the correction, or the bonus token when the whole path is accepted).
     """
 
     best: mx.array
@@ -21,21 +39,119 @@ class Verdict(NamedTuple):
     next_token: mx.array
 
 
-def greedy_verify(tree: TreeSpec, tokens: mx.array, main_logits: mx.array) -> Verdict:
-    """Longest path whose every node equals the argmax of its parent's main logits.
-
-    tokens: (T,) the flattened tree (root first); main_logits: (T, V).
-    """
-    pred = mx.argmax(main_logits, axis=-1)  # (T,)
-    if tree.num_nodes == 1:
-        zero = mx.array(0)
-        return Verdict(zero, zero, tree.path_table[0], pred[0])
-    # Root counts as matching; a node is matching when its parent's prediction is its token.
-    match = mx.concatenate([mx.array([True]), tokens[1:] == pred[tree.parents[1:]]])
-    # Accepted iff every node on its root path matches: no mismatching ancestor-or-self.
-    bad = (~match).astype(mx.float32)
+def _deepest(tree: TreeSpec, node_ok: mx.array) -> mx.array:
+    """Deepest node whose whole root path is ok. node_ok: (T,) bool (root is taken as ok)."""
+    bad = (~node_ok).astype(mx.float32)
+    bad = mx.concatenate([mx.zeros((1,)), bad[1:]])
     accepted = (tree.ancestor_mask.astype(mx.float32) @ bad) == 0  # (T,)
-    # Siblings hold distinct tokens, so at most one node per depth matches: the deepest
-    # accepted node is unique.
-    best = mx.argmax(mx.where(accepted, tree.depths, -1))
-    return Verdict(best, tree.depths[best], tree.path_table[best], pred[best])
+    # Ties (two accepted nodes at the same depth) go to the lower index = lower rank.
+    return mx.argmax(mx.where(accepted, tree.depths, -1))
+
+
+def _verdict(tree: TreeSpec, best: mx.array, next_tokens: mx.array) -> Verdict:
+    return Verdict(best, tree.depths[best], tree.path_table[best], next_tokens[best])
+
+
+def _follow(tree: TreeSpec, tokens: mx.array, pred: mx.array) -> Verdict:
+    """Accept children that equal their parent's prediction; pred: (T,) one token per node."""
+    if tree.num_nodes == 1:
+        return _verdict(tree, mx.array(0), pred)
+    match = mx.concatenate([mx.array([True]), tokens[1:] == pred[tree.parents[1:]]])
+    # Siblings hold distinct tokens, so at most one child per node matches: the path is unique.
+    return _verdict(tree, _deepest(tree, match), pred)
+
+
+def greedy_verify(tree: TreeSpec, tokens: mx.array, main_logits: mx.array) -> Verdict:
+    """Longest path whose every node is the argmax of its parent. main_logits: (T, V)."""
+    return _follow(tree, tokens, mx.argmax(main_logits, axis=-1))
+
+
+def match_verify(tree: TreeSpec, tokens: mx.array, logp: mx.array) -> Verdict:
+    """Exact sampling by matching independent per-node draws. logp: (T, V) target log-probs."""
+    return _follow(tree, tokens, mx.random.categorical(logp))
+
+
+def rrs_verify(
+    tree: TreeSpec, tokens: mx.array, logp: mx.array, candidates: mx.array, logq: mx.array
+) -> Verdict:
+    """Exact sampling with recursive rejection sampling over the tree.
+
+    tokens: (T,); logp: (T, V) target log-probs at each node; candidates: (D, K) the draws
+    (without replacement, in draw order) from q_d = exp(logq[d]) that filled depth d + 1;
+    logq: (D, V).
+
+    Proof sketch. At a node a with target p and children c_1..c_k (= draws x_1..x_k of q_d in
+    order, shared by all nodes of that depth), let p^(1) = p and q^(i) = q with x_1..x_{i-1}
+    removed, renormalised (so x_i ~ q^(i) given the earlier draws). Candidate i is accepted with
+    probability min(1, p^(i)(x_i) / q^(i)(x_i)); on rejection p^(i+1) = norm(max(0, p^(i) - q^(i))).
+    One step is ordinary speculative sampling: accept-or-residual yields an exact sample of
+    p^(i) provided the residual branch yields an exact sample of p^(i+1). The residual branch is
+    the same procedure on the next draw, exact for any draft distribution, hence also
+    conditioned on the value of x_i; when the candidates run out we sample p^(k+1) directly.
+    By induction the emitted token at a is an exact sample of p. If it is a child, we descend:
+    the draws of the next depth are independent of everything that decided the descent, so the
+    argument repeats at the child with its own target. Ranks that are not children of a node
+    are skipped (not tested, residual unchanged) but still removed from q, which the argument
+    allows. Sharing draws across nodes of one depth is fine because only one node per depth is
+    ever visited.
+    """
+    T = tree.num_nodes
+    p = mx.exp(logp.astype(mx.float32))  # (T, V)
+    next_child = mx.full((T,), -1, dtype=mx.int32)
+    for d in range(tree.depth):
+        level = tree.levels[d]  # (n,) nodes at depth d: the parents of depth d + 1
+        n = level.shape[0]
+        q = mx.exp(logq[d].astype(mx.float32))  # (V,)
+        pd = p[level]  # (n, V)
+        chosen = mx.full((n,), -1, dtype=mx.int32)
+        done = mx.zeros((n,), dtype=mx.bool_)
+        removed = mx.zeros_like(q)  # mass of q already drawn
+        for r in range(tree.widths[d]):
+            c = candidates[d, r]
+            qr = q / mx.maximum(1.0 - removed.sum(), 1e-30)
+            qr = mx.where(removed > 0, 0.0, qr)  # (V,) q^(r)
+            qc = qr[c]
+            child = tree.child_table[level, r]  # (n,)
+            live = (child >= 0) & (qc > 0) & ~done
+            accept = live & (mx.random.uniform(shape=(n,)) * qc < pd[:, c])
+            chosen = mx.where(accept, child, chosen)
+            done = done | accept
+            resid = mx.maximum(pd - qr[None], 0.0)
+            mass = resid.sum(axis=-1, keepdims=True)
+            resid = mx.where(mass > 0, resid / mx.maximum(mass, 1e-30), pd)
+            pd = mx.where((live & ~accept)[:, None], resid, pd)
+            removed = removed + mx.where(mx.arange(q.shape[0]) == c, q, 0.0)
+        p[level] = pd
+        next_child[level] = chosen
+    if T == 1:
+        best = mx.array(0)
+    else:
+        match = mx.concatenate([mx.array([True]), next_child[tree.parents[1:]] == mx.arange(1, T)])
+        best = _deepest(tree, match)
+    # The last accepted node rejected all its children: its residual gives the next token.
+    next_token = mx.random.categorical(mx.log(p[best]))
+    return Verdict(best, tree.depths[best], tree.path_table[best], next_token)
+
+
+def typical_verify(
+    tree: TreeSpec,
+    tokens: mx.array,
+    logp: mx.array,
+    threshold: float,
+    alpha: float,
+    greedy_next: bool,
+) -> Verdict:
+    """Medusa's typical acceptance (NOT exact): a node is accepted when its probability under
+    its parent exceeds min(threshold, alpha * exp(-entropy(parent))). logp: (T, V)."""
+    p = mx.exp(logp)
+    entropy = -(p * mx.where(p > 0, logp, 0.0)).sum(axis=-1)  # (T,)
+    limit = mx.minimum(threshold, alpha * mx.exp(-entropy))  # (T,)
+    if tree.num_nodes == 1:
+        best = mx.array(0)
+    else:
+        par = tree.parents[1:]
+        prob = p[par, tokens[1:]]
+        ok = mx.concatenate([mx.array([True]), prob > limit[par]])
+        best = _deepest(tree, ok)
+    nxt = mx.argmax(logp[best]) if greedy_next else mx.random.categorical(logp[best])
+    return Verdict(best, tree.depths[best], tree.path_table[best], nxt)

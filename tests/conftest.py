@@ -1,3 +1,5 @@
+# ruff: noqa: I001
+import ss_mlx  # noqa: F401  (loads OpenBLAS before mlx.core is first imported)
 import importlib
 
 import mlx.core as mx
@@ -5,7 +7,6 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-import ss_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
 from ss_mlx.config import SSConfig
 from ss_mlx.loader import attach_streams, stream_shapes
 from ss_mlx.streams import random_stream_tensors
@@ -69,17 +70,21 @@ def tiny_ss_model(
 ):
     base = base if base is not None else tiny_base(model_type, seed, **overrides)
     modules = ADAPTER_MODULES.get(model_type, DEFAULT_ADAPTERS) if adapter_rank else ()
-    cfg = SSConfig.from_dict({
-        "num_streams": num_streams,
-        "stream_layers": stream_layers,
-        "stream_position_mode": position_mode,
-        "adapter_rank": adapter_rank,
-        "adapter_modules": list(modules),
-        "adapter_scale": 0.5,
-        "prune_rank": prune_rank,
-    })
+    cfg = SSConfig.from_dict(
+        {
+            "num_streams": num_streams,
+            "stream_layers": stream_layers,
+            "stream_position_mode": position_mode,
+            "adapter_rank": adapter_rank,
+            "adapter_modules": list(modules),
+            "adapter_scale": 0.5,
+            "prune_rank": prune_rank,
+        }
+    )
     tensors = random_stream_tensors(
-        stream_shapes(base, cfg), seed=seed + 1, embed_scale=0.5,
+        stream_shapes(base, cfg),
+        seed=seed + 1,
+        embed_scale=0.5,
         adapter_scale=0.3 if adapter_rank else 0.0,
     )
     return attach_streams(base, cfg, tensors, "test")
@@ -115,7 +120,10 @@ def write_tiny_tokenizer(out_dir, vocab_size: int = 128) -> None:
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(specials)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>", bos_token=None,
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        bos_token=None,
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))

@@ -17,8 +17,9 @@ def test_rope_at_repeated_positions_are_per_token():
     rope = nn.RoPE(8)
     x = mx.random.normal((1, 2, 3, 8), key=mx.random.key(1))
     ours = rope_at(rope, x, mx.array([5, 6, 6]))
-    np.testing.assert_allclose(np.array(ours[:, :, 2]), np.array(rope(x[:, :, 2:3], offset=6))[:, :, 0],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.array(ours[:, :, 2]), np.array(rope(x[:, :, 2:3], offset=6))[:, :, 0], atol=1e-6
+    )
 
 
 def test_stream_mask_literal():
@@ -26,14 +27,16 @@ def test_stream_mask_literal():
     main = mx.array([[1, 0], [1, 1]], dtype=mx.bool_)
     m = np.array(stream_mask(main, 2)).astype(int)
     # columns: main0 main1 s(0,1) s(0,2) s(1,1) s(1,2)
-    expected = np.array([
-        [1, 0, 0, 0, 0, 0],  # main 0
-        [1, 1, 0, 0, 0, 0],  # main 1: never sees streams
-        [1, 0, 1, 0, 0, 0],  # stream (0,1): node 0 and itself
-        [1, 0, 1, 1, 0, 0],  # stream (0,2): node 0, streams 1..2 of node 0
-        [1, 1, 0, 0, 1, 0],  # stream (1,1): ancestors + node 1, itself
-        [1, 1, 0, 0, 1, 1],  # stream (1,2)
-    ])
+    expected = np.array(
+        [
+            [1, 0, 0, 0, 0, 0],  # main 0
+            [1, 1, 0, 0, 0, 0],  # main 1: never sees streams
+            [1, 0, 1, 0, 0, 0],  # stream (0,1): node 0 and itself
+            [1, 0, 1, 1, 0, 0],  # stream (0,2): node 0, streams 1..2 of node 0
+            [1, 1, 0, 0, 1, 0],  # stream (1,1): ancestors + node 1, itself
+            [1, 1, 0, 0, 1, 1],  # stream (1,2)
+        ]
+    )
     np.testing.assert_array_equal(m, expected)
 
 

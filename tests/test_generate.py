@@ -97,8 +97,9 @@ def test_oracle_accepts_full_depth(tree):
     ref = ar_tokens(model, prompt, 60)
     seq = prompt + ref
     spec = TreeSpec.parse(tree)
-    steps = ss_steps(model, prompt, 40, tree=spec,
-                     drafter=oracle(lambda h: seq[len(h) : len(h) + 3]))
+    steps = ss_steps(
+        model, prompt, 40, tree=spec, drafter=oracle(lambda h: seq[len(h) : len(h) + 3])
+    )
     assert [s.token for s in steps] == ref[:40]
     by_step = {}
     for s in steps:
@@ -119,8 +120,14 @@ def test_max_tokens_exact_and_cache_consistent():
     seq = prompt + ref
     for n in range(1, 14):
         cache = make_cache(model.base)
-        steps = ss_steps(model, prompt, n, tree="1,1,1", prompt_cache=cache,
-                         drafter=oracle(lambda h: seq[len(h) : len(h) + 3]))
+        steps = ss_steps(
+            model,
+            prompt,
+            n,
+            tree="1,1,1",
+            prompt_cache=cache,
+            drafter=oracle(lambda h: seq[len(h) : len(h) + 3]),
+        )
         assert [s.token for s in steps] == ref[:n]
         # The cache holds the prompt and every emitted token but the last (as mlx-lm's does).
         assert cache[0].offset == len(prompt) + n - 1
@@ -133,8 +140,9 @@ def test_stop_mid_path_then_continue_from_cache():
     seq = prompt + ref
     cache = make_cache(model.base)
     draft = oracle(lambda h: seq[len(h) : len(h) + 3])
-    gen = ss_generate_step(mx.array(prompt), model, tree="1,1,1", prompt_cache=cache,
-                           max_tokens=100, drafter=draft)
+    gen = ss_generate_step(
+        mx.array(prompt), model, tree="1,1,1", prompt_cache=cache, max_tokens=100, drafter=draft
+    )
     got = []
     for s in gen:
         got.append(s.token)

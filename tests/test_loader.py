@@ -16,9 +16,15 @@ from ss_mlx.init_model import init_model
 
 @pytest.fixture
 def ss_dir(tiny_model_dir, tmp_path):
-    return init_model(tiny_model_dir, tmp_path / "ss", streams=3, stream_layers=2,
-                      adapter_rank=4, adapter_modules=("self_attn.q_proj", "mlp.down_proj"),
-                      adapter_init_scale=0.1)
+    return init_model(
+        tiny_model_dir,
+        tmp_path / "ss",
+        streams=3,
+        stream_layers=2,
+        adapter_rank=4,
+        adapter_modules=("self_attn.q_proj", "mlp.down_proj"),
+        adapter_init_scale=0.1,
+    )
 
 
 def test_init_load_roundtrip_and_stock_mlx_lm(ss_dir):
@@ -99,8 +105,10 @@ def _edit_config(d, fn):
         (lambda c: c["speculative_streaming"].update(stream_layers=9), "only 4 layers"),
         (lambda c: c["speculative_streaming"].update(num_streams=0), "num_streams"),
         (lambda c: c["speculative_streaming"].update(stream_position_mode="x"), "position_mode"),
-        (lambda c: c["speculative_streaming"].update(adapter_modules=["mlp.bogus"]),
-         "do not exist"),
+        (
+            lambda c: c["speculative_streaming"].update(adapter_modules=["mlp.bogus"]),
+            "do not exist",
+        ),
     ],
 )
 def test_bad_config(ss_dir, edit, msg):
@@ -124,8 +132,9 @@ def test_missing_paths(tmp_path):
 
 
 def test_sliding_window_model_is_refused(tmp_path):
-    base = tiny_base("llama", layer_types=["full_attention", "sliding_attention"] * 2,
-                     sliding_window=16)
+    base = tiny_base(
+        "llama", layer_types=["full_attention", "sliding_attention"] * 2, sliding_window=16
+    )
     d = tmp_path / "swa"
     save_tiny_model_dir(base, d)
     with pytest.raises(ValueError, match="trimmable KVCache.*RotatingKVCache"):
@@ -146,16 +155,49 @@ def test_cli_init_and_generate(tiny_model_dir, tmp_path, capsys):
     from ss_mlx.cli import main
 
     out = tmp_path / "cli_ss"
-    main(["init", "--model", str(tiny_model_dir), "--out", str(out), "--streams", "2",
-          "--stream-layers", "2"])
+    main(
+        [
+            "init",
+            "--model",
+            str(tiny_model_dir),
+            "--out",
+            str(out),
+            "--streams",
+            "2",
+            "--stream-layers",
+            "2",
+        ]
+    )
     capsys.readouterr()
-    main(["generate", "--model", str(out), "--prompt", "hello", "--max-tokens", "10",
-          "--ignore-chat-template"])
+    main(
+        [
+            "generate",
+            "--model",
+            str(out),
+            "--prompt",
+            "hello",
+            "--max-tokens",
+            "10",
+            "--ignore-chat-template",
+        ]
+    )
     text = capsys.readouterr().out.strip()
     base, tok = mlx_lm.load(str(out))
     assert text == mlx_lm.generate(base, tok, "hello", max_tokens=10).strip()
-    main(["generate", "--model", str(out), "--prompt", "hello", "--max-tokens", "10",
-          "--verbose", "--tree", "2,1"])
+    main(
+        [
+            "generate",
+            "--model",
+            str(out),
+            "--prompt",
+            "hello",
+            "--max-tokens",
+            "10",
+            "--verbose",
+            "--tree",
+            "2,1",
+        ]
+    )
     assert "tokens per pass" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="invalid tree spec"):
         main(["generate", "--model", str(out), "--tree", "1,1,1"[:-2] + ",z"])
@@ -167,9 +209,22 @@ def test_python_m_entry_point(tiny_model_dir, tmp_path):
     out = tmp_path / "m_ss"
     init_model(tiny_model_dir, out, streams=2, stream_layers=1)
     r = subprocess.run(
-        [sys.executable, "-m", "ss_mlx", "generate", "--model", str(out), "--prompt", "x",
-         "--max-tokens", "5", "--verbose"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "ss_mlx",
+            "generate",
+            "--model",
+            str(out),
+            "--prompt",
+            "x",
+            "--max-tokens",
+            "5",
+            "--verbose",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 0, r.stderr
     assert "Forward passes" in r.stdout

@@ -16,8 +16,9 @@ def with_streams(model, seed):
     from ss_mlx.loader import attach_streams, stream_shapes
     from ss_mlx.streams import random_stream_tensors
 
-    t = random_stream_tensors(stream_shapes(model.base, model.cfg), seed=seed, embed_scale=1.0,
-                              adapter_scale=0.5)
+    t = random_stream_tensors(
+        stream_shapes(model.base, model.cfg), seed=seed, embed_scale=1.0, adapter_scale=0.5
+    )
     return attach_streams(model.base, model.cfg, t, "test")
 
 
@@ -60,8 +61,7 @@ def test_chain_tree_step_equals_sequence_view(position_mode):
     logits, stream_h = m.tree_forward(chain, 6 + spec.depths, spec.ancestor_mask, cache)
     full_main, full_streams = m.full_forward(TOKENS)
     np.testing.assert_allclose(np.array(logits), np.array(full_main[0, 6:]), atol=1e-4)
-    np.testing.assert_allclose(np.array(m.head(stream_h)), np.array(full_streams[0, 6:]),
-                               atol=1e-4)
+    np.testing.assert_allclose(np.array(m.head(stream_h)), np.array(full_streams[0, 6:]), atol=1e-4)
 
 
 def test_branching_tree_nodes_see_only_their_ancestors():
@@ -75,8 +75,9 @@ def test_branching_tree_nodes_see_only_their_ancestors():
     seq = mx.concatenate([TOKENS[:, :5], mx.array([[7, 30, 31]])], axis=1)
     full_main, full_streams = m.full_forward(seq)
     np.testing.assert_allclose(np.array(logits[4]), np.array(full_main[0, 7]), atol=1e-4)
-    np.testing.assert_allclose(np.array(m.head(stream_h[4])), np.array(full_streams[0, 7]),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        np.array(m.head(stream_h[4])), np.array(full_streams[0, 7]), atol=1e-4
+    )
 
 
 def test_stream_causality():
@@ -135,9 +136,10 @@ def test_plain_tree_forward_matches_ss_main_rows():
     spec = TreeSpec.parse("2,2")
     tokens = mx.array([5, 6, 7, 8, 9, 10, 11])
     outs = []
-    for fn in (lambda c: m.tree_forward(tokens, 10 + spec.depths, spec.ancestor_mask, c)[0],
-               lambda c: plain_tree_forward(m.base, tokens, 10 + spec.depths,
-                                            spec.ancestor_mask, c)[0]):
+    for fn in (
+        lambda c: m.tree_forward(tokens, 10 + spec.depths, spec.ancestor_mask, c)[0],
+        lambda c: plain_tree_forward(m.base, tokens, 10 + spec.depths, spec.ancestor_mask, c)[0],
+    ):
         cache = make_cache(m.base)
         m.base(TOKENS, cache=cache)
         outs.append(np.array(fn(cache)))

@@ -13,17 +13,25 @@ def test_hand_built_tree_buffers():
     assert t.depths.tolist() == [0, 1, 1, 2, 2, 2]
     assert t.ranks.tolist() == [0, 0, 1, 0, 1, 0]
     assert t.widths == (2, 2)
-    expected = np.array([
-        [1, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0],
-        [1, 0, 1, 0, 0, 0],
-        [1, 1, 0, 1, 0, 0],
-        [1, 1, 0, 0, 1, 0],
-        [1, 0, 1, 0, 0, 1],
-    ], dtype=bool)
+    expected = np.array(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 0, 1, 0, 0, 0],
+            [1, 1, 0, 1, 0, 0],
+            [1, 1, 0, 0, 1, 0],
+            [1, 0, 1, 0, 0, 1],
+        ],
+        dtype=bool,
+    )
     np.testing.assert_array_equal(np.array(t.ancestor_mask), expected)
     assert t.path_table.tolist() == [
-        [0, 0, 0], [0, 1, 1], [0, 2, 2], [0, 1, 3], [0, 1, 4], [0, 2, 5]
+        [0, 0, 0],
+        [0, 1, 1],
+        [0, 2, 2],
+        [0, 1, 3],
+        [0, 1, 4],
+        [0, 2, 5],
     ]
 
 
@@ -92,9 +100,14 @@ def test_invalid_strings(text):
 
 def test_draft_tokens_follow_ranks():
     t = TreeSpec([[0], [1], [0, 0], [0, 1], [1, 0]])
-    logits = mx.array(np.array([
-        [0.0, 5.0, 1.0, 3.0],  # stream 1: rank0 = 1, rank1 = 3
-        [9.0, 0.0, 8.0, 1.0],  # stream 2: rank0 = 0, rank1 = 2
-        [0.0, 0.0, 0.0, 9.0],  # stream 3 is not used by a depth-2 tree
-    ], dtype=np.float32))
+    logits = mx.array(
+        np.array(
+            [
+                [0.0, 5.0, 1.0, 3.0],  # stream 1: rank0 = 1, rank1 = 3
+                [9.0, 0.0, 8.0, 1.0],  # stream 2: rank0 = 0, rank1 = 2
+                [0.0, 0.0, 0.0, 9.0],  # stream 3 is not used by a depth-2 tree
+            ],
+            dtype=np.float32,
+        )
+    )
     assert t.draft_tokens(logits).tolist() == [1, 3, 0, 2, 0]

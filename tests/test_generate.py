@@ -206,3 +206,19 @@ def test_bad_inputs():
         ss_steps(model, [1, 2], 5, prompt_cache=[RotatingKVCache(64) for _ in range(4)])
     with pytest.raises(ValueError, match="drafter returned"):
         ss_steps(model, [1, 2], 5, tree="2", drafter=lambda h, s: [1])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_lossless_quantized_trunk(bits):
+    """Quantized trunks (what Macs run) take the same tree path; stream parameters stay float."""
+    import mlx.nn as nn
+
+    model = tiny_ss_model("llama", adapter_rank=4, seed=8, hidden_size=128, intermediate_size=256)
+    nn.quantize(model.base, group_size=64, bits=bits)
+    assert hasattr(model.base.model.layers[0].self_attn.q_proj, "bits")
+    assert model.streams.stream_embeddings.dtype == mx.float32
+    prompt = [4, 8, 15, 16, 23, 42]
+    n = 40
+    assert [s.token for s in ss_steps(model, prompt, n, tree="3,2,1")] == ar_tokens(
+        model, prompt, n
+    )

@@ -228,3 +228,27 @@ def test_python_m_entry_point(tiny_model_dir, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "Forward passes" in r.stdout
+
+
+def test_quantized_model_dir(tmp_path):
+    """A 4-bit mlx-lm directory: adapter shapes come from logical dims, output stays lossless."""
+    from conftest import write_tiny_tokenizer
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    base = tiny_base("llama", hidden_size=128, intermediate_size=256)
+    config = {k: v for k, v in vars(base.args).items() if v is not None}
+    base, config = quantize_model(base, config, group_size=64, bits=4)
+    d = tmp_path / "q4"
+    d.mkdir()
+    save_model(d, base)
+    save_config(config, d / "config.json")
+    write_tiny_tokenizer(d)
+    out = init_model(d, tmp_path / "q4ss", streams=2, stream_layers=2, adapter_rank=2,
+                     adapter_modules=("self_attn.q_proj", "mlp.down_proj"),
+                     adapter_init_scale=0.1)
+    model, tok = ss_mlx.load(out)
+    assert model.streams.adapters[3]["mlp.down_proj"][0].shape == (2, 256, 2)
+    ref_model, ref_tok = mlx_lm.load(str(out))
+    assert ss_mlx.generate(model, tok, "quant", max_tokens=20) == mlx_lm.generate(
+        ref_model, ref_tok, "quant", max_tokens=20
+    )

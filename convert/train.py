@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stream-lr", type=float, default=None, help="lr of P_j/adapters (default --lr)"
     )
+    p.add_argument(
+        "--embed-lr",
+        default="auto",
+        help="lr of the stream embeddings P_j; auto: stream lr x RMS of the hidden states that "
+        "enter the first stream layer (P_j adds to them, so it learns in their units)",
+    )
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
@@ -191,9 +197,13 @@ def make_optimizer(
     args: argparse.Namespace, core: nn.Module, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     base_ids = {id(p) for p in core.base.parameters()}
+    embed = getattr(core, "stream_embeddings", None)
+    special = base_ids | {id(embed)}
     lora = [p for p in core.base.parameters() if p.requires_grad]
-    own = [p for p in core.parameters() if p.requires_grad and id(p) not in base_ids]
-    groups = [{"params": own, "lr": args.stream_lr}]
+    own = [p for p in core.parameters() if p.requires_grad and id(p) not in special]
+    groups = [{"params": own, "lr": args.stream_lr}] if own else []
+    if embed is not None:
+        groups.append({"params": [embed], "lr": float(args.embed_lr)})
     if lora:
         groups.append({"params": lora, "lr": args.lr})
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
@@ -222,7 +232,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     torch.manual_seed(args.seed)
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     chat = not args.no_chat_template
-    examples = load_examples(args.data, tokenizer, args.max_seq_len, chat)
+    examples = _scored_only(load_examples(args.data, tokenizer, args.max_seq_len, chat), env)
     eval_examples = (
         load_examples(args.eval, tokenizer, args.max_seq_len, chat) if args.eval else None
     )
@@ -241,6 +251,8 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
         total_steps = args.max_steps
     else:
         total_steps = math.ceil(args.epochs * micro_per_epoch / args.grad_accum)
+    if isinstance(core, StreamingLM):
+        args.embed_lr = _resolve_embed_lr(args, core, examples, pad_id, env)
     optimizer, scheduler = make_optimizer(args, core, total_steps)
 
     start_step = 0
@@ -384,6 +396,42 @@ def _make_cache(
     return FrozenBaseCache()
 
 
+@torch.no_grad()
+def _resolve_embed_lr(
+    args: argparse.Namespace, core: StreamingLM, examples: list[Example], pad_id: int, env: DistEnv
+) -> float:
+    """--embed-lr, with "auto" = stream lr x RMS of h entering layer s on the first batch.
+
+    Adam moves every element by about lr per step whatever its scale, while h at a deep layer
+    can have an RMS of 10-30: P_j would need ~1e4 steps at a LoRA lr to matter at all.
+    """
+    if args.embed_lr != "auto":
+        return float(args.embed_lr)
+    idx = epoch_batches(len(examples), args.batch_size, args.seed, 0, env.rank, env.world)[0]
+    batch = _to(collate([examples[i] for i in idx], pad_id), env.device)
+    h = core.base_forward(batch["input_ids"], batch["attention_mask"]).stream_inputs[0]
+    valid = batch["attention_mask"].bool()
+    sums = {"sq": float(h[valid].float().pow(2).sum()), "n": float(valid.sum()) * h.shape[-1]}
+    sums = all_reduce_sums(env, sums)
+    rms = math.sqrt(sums["sq"] / max(sums["n"], 1.0))
+    lr = args.stream_lr * max(rms, 1.0)
+    if env.is_main:
+        print(f"stream embeddings: hidden RMS {rms:.3g} at layer {core.first_stream_layer}, "
+              f"embed lr {lr:.3g}", file=sys.stderr)  # fmt: skip
+    return lr
+
+
+def _scored_only(examples: list[Example], env: DistEnv) -> list[Example]:
+    """Drop rows with nothing to score (e.g. a response cut off by --max-seq-len)."""
+    kept = [e for e in examples if any(e.loss_mask[1:])]
+    if len(kept) < len(examples) and env.is_main:
+        print(f"skipping {len(examples) - len(kept)} training rows with no scored token "
+              "after truncation (raise --max-seq-len?)", file=sys.stderr)  # fmt: skip
+    if not kept:
+        raise SystemExit("no training row has a scored token")
+    return kept
+
+
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -460,6 +508,7 @@ def write_output(
         "steps": steps,
         "lr": args.lr,
         "stream_lr": args.stream_lr,
+        "embed_lr": args.embed_lr if isinstance(core, StreamingLM) else None,
         "batch_size": args.batch_size,
         "grad_accum": args.grad_accum,
         "max_seq_len": args.max_seq_len,

@@ -13,7 +13,7 @@ from ss_mlx_convert.ss_config import ALLOWED_MODULES  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
-FAMILIES = ("llama", "qwen2", "qwen3", "phi3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 def tiny_base(model_type: str, seed: int = 0, **overrides):

@@ -158,13 +158,13 @@ def test_train_30_steps(workdir, tmp_path, model_type, mode):
 
 
 def test_resume_continues_exactly(workdir, tmp_path):
-    common = ["--max-steps", "8", "--save-every", "4", "--grad-accum", "2", "--epochs", "1"]
+    common = ["--max-steps", "4", "--save-every", "2", "--grad-accum", "2"]
     straight = tmp_path / "a"
     run_train(workdir, "llama", "shared", straight, *common)
     interrupted = tmp_path / "b"
     run_train(workdir, "llama", "shared", interrupted, *common)
-    # Pretend the run died after the step-4 checkpoint.
-    shutil.rmtree(interrupted / "checkpoints" / "step-00000008")
+    # Pretend the run died after the step-2 checkpoint.
+    shutil.rmtree(interrupted / "checkpoints" / "step-00000004")
     for name in ("speculative_streams.safetensors", "adapter_model.safetensors", "config.json"):
         (interrupted / name).unlink()
     run_train(workdir, "llama", "shared", interrupted, *common, "--resume")

@@ -419,7 +419,8 @@ def _parity_gate(src: Path, built: Path, *, exact: bool, opts: dict[str, Any]) -
         with tempfile.TemporaryDirectory(prefix=".parity-", dir=built.parent) as ref:
             write_model_dir(src, Path(ref), **{**opts, "dtype": "float32", "quantize": False})
             report = check_parity(src, ref)
-        info = check_parity(src, built, atol=float("inf"), require_greedy=False)
+        # Logits only: greedy tokens of a lossy trunk may legitimately differ.
+        info = check_parity(src, built, atol=float("inf"), greedy_tokens=0)
         print("[convert] requested output (not gated):\n" + info.summary())
     print(report.summary())
     if not report.ok:

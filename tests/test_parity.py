@@ -50,7 +50,17 @@ def test_parity_passes(converted, case):
     assert len(report.stream_max_abs) == streams
     assert max(report.main_max_abs, *report.stream_max_abs) < 1e-4
     assert (report.exit_max_abs is not None) == ("prune" in case)
+    assert report.greedy_ok and "skipped" not in report.summary()
     assert report.torch_tokens == report.mlx_tokens and len(report.torch_tokens) >= 1
+
+
+def test_bound_is_atol_unless_logits_are_large():
+    r = parity.ParityReport(2e-4, [], None, 1e-4, [1], [], [], rtol=1e-5, logit_scale=5.0)
+    assert r.bound == 1e-4 and not r.ok
+    r.logit_scale = 40.0  # SmolLM2-sized logits: fp32 noise alone is ~1e-4 there
+    assert r.bound == pytest.approx(4e-4) and r.ok
+    r.main_max_abs = float("nan")
+    assert not r.ok
 
 
 def test_parity_fails_when_a_stream_embedding_is_perturbed(converted, tmp_path):

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from .modeling import BaseOutput, default_position_ids, hf_causal_lm
+from .save_model import MEDUSA_FILE  # noqa: F401  (re-exported: the heads' file name)
 from .ss_config import check_model_type
 
 MEDUSA_CONFIG_KEY = "medusa"
-MEDUSA_FILE = "medusa_heads.safetensors"
 
 
 def medusa_config(num_heads: int) -> dict[str, Any]:

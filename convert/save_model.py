@@ -27,6 +27,7 @@ STREAMS_FILE = "speculative_streams.safetensors"
 SS_CONFIG_KEY = "speculative_streaming"
 TRAINING_CONFIG_KEY = "ss_training"
 PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
+MEDUSA_FILE = "medusa_heads.safetensors"  # see medusa.py
 
 WEIGHT_PATTERNS = (
     "model*.safetensors",
@@ -75,6 +76,14 @@ def save_peft_adapter(peft_model: Any, out_dir: str | Path) -> None:
         peft_model.save_pretrained(tmp, safe_serialization=True)
         for name in PEFT_FILES:
             copy_file(Path(tmp, name), out_dir / name)
+
+
+def remove_stale(out_dir: str | Path, keep: set[str]) -> None:
+    """Delete mode-specific files an earlier run may have left that this run does not write
+    (a stale adapter_model.safetensors would otherwise be merged by the converter)."""
+    for name in (STREAMS_FILE, MEDUSA_FILE, *PEFT_FILES):
+        if name not in keep:
+            Path(out_dir, name).unlink(missing_ok=True)
 
 
 def write_config(

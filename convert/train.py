@@ -28,10 +28,12 @@ from .loss import accumulate, aggregate_metrics, chain_acceptance, ss_loss
 from .medusa import MEDUSA_CONFIG_KEY, MEDUSA_FILE, MedusaLM
 from .modeling import StreamingLM, hf_causal_lm
 from .save_model import (
+    PEFT_FILES,
     SS_CONFIG_KEY,
     STREAMS_FILE,
     TRAINING_CONFIG_KEY,
     copy_base_files,
+    remove_stale,
     save_peft_adapter,
     save_tensors,
     write_config,
@@ -290,6 +292,9 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     log_path = out_dir / "train_log.jsonl"
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if start_step == 0:  # a fresh run into an old OUT: do not mix logs or keep old results
+            log_path.unlink(missing_ok=True)
+            (out_dir / "eval.json").unlink(missing_ok=True)
     for step in range(start_step, total_steps):
         for k in range(args.grad_accum):
             idx = micro_batch(step * args.grad_accum + k)
@@ -520,9 +525,11 @@ def write_output(
     }
     blocks: dict[str, Any] = {TRAINING_CONFIG_KEY: training}
     if isinstance(core, MedusaLM):
+        remove_stale(out_dir, {MEDUSA_FILE})
         save_tensors(out_dir / MEDUSA_FILE, core.heads_state_dict())
         blocks[MEDUSA_CONFIG_KEY] = core.config_block()
     else:
+        remove_stale(out_dir, {STREAMS_FILE, *(PEFT_FILES if peft_model is not None else ())})
         save_tensors(out_dir / STREAMS_FILE, core.ss_state_dict())
         if peft_model is not None:
             save_peft_adapter(peft_model, out_dir)

@@ -347,3 +347,14 @@ def test_torchrun_two_cpu_processes(workdir, tmp_path):
     assert ev["main_n"] > 0 and ev["examples"] == 6
     assert "eval on" in proc.stdout
     load_trained(out)
+
+
+def test_rerun_in_another_mode_leaves_no_stale_files(workdir, tmp_path):
+    out = tmp_path / "o"
+    run_train(workdir, "llama", "shared", out, "--max-steps", "1", "--save-every", "0")
+    assert (out / "adapter_model.safetensors").is_file()
+    run_train(workdir, "llama", "lossless", out, "--max-steps", "1", "--save-every", "0")
+    files = {p.name for p in out.iterdir()}
+    assert "adapter_model.safetensors" not in files and "adapter_config.json" not in files
+    assert len(losses(out)) == 1  # the log restarted
+    assert load_trained(out).hf().config.model_type == "llama"

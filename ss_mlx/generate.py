@@ -5,6 +5,7 @@ import sys
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import mlx.core as mx
@@ -12,6 +13,7 @@ from mlx_lm.sample_utils import LogitsProcessor, make_logits_processors
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import check_cache, commit_path, make_cache, trim
+from .coarse import groups_for_model
 from .model import SSModel
 from .rules import ACCEPT_RULES, RELAXED_RULES, TypicalParams, draft, resolve_rule, verify
 from .sampling import SamplerConfig
@@ -116,6 +118,7 @@ def ss_generate_step(
     accept_rule: str = "auto",
     typical: TypicalParams | None = None,
     logits_processors: list[LogitsProcessor] | None = None,
+    coarse_theta: float = 0.8,
 ) -> Generator[StepToken, None, None]:
     """Speculative Streaming decoding, token by token.
 
@@ -142,14 +145,18 @@ def ss_generate_step(
         typical: thresholds of the "typical" rule.
         logits_processors: mlx-lm style ``processor(tokens, logits) -> logits``; at each tree
             node ``tokens`` is that node's own history (prompt, emitted tokens, its path).
+        coarse_theta: embedding-cosine threshold of the relaxed "coarse" rule's token groups.
     """
     spec = resolve_tree(model, tree)
     _check_prompt(prompt, model, max_tokens)
     sampler = sampler or SamplerConfig()
     rule = resolve_rule(accept_rule, sampler)
     typical = typical or TypicalParams()
-    if drafter is not None and rule == "rrs":
+    if drafter is not None and rule in ("rrs", "coarse"):
         rule = "simple"  # an external drafter has no draft distribution to test against
+    groups = None
+    if rule == "coarse":
+        groups = groups_for_model(model.inner.embed_tokens, coarse_theta, _coarse_cache_dir())
     cache = make_cache(model.base) if prompt_cache is None else prompt_cache
     check_cache(cache)
 
@@ -181,7 +188,9 @@ def ss_generate_step(
                 main_logits = _process_per_node(
                     logits_processors, history, step_tree, draft_host, main_logits
                 )
-            verdict = verify(rule, step_tree, tokens, main_logits, sampler, draft_state, typical)
+            verdict = verify(
+                rule, step_tree, tokens, main_logits, sampler, draft_state, typical, groups
+            )
             if drafter is None:
                 next_draft, next_state = draft(
                     rule, spec, model.head(stream_h[verdict.best, : spec.depth]), sampler
@@ -215,6 +224,12 @@ def ss_generate_step(
             draft_tokens, draft_state, step_tree = next_draft, next_state, spec
     finally:
         trim(cache, pending_trim)
+
+
+def _coarse_cache_dir() -> Path:
+    from .default_model import cache_root
+
+    return cache_root() / "coarse"
 
 
 def _process_per_node(
@@ -420,6 +435,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--typical-threshold", type=float, default=TypicalParams.threshold)
     p.add_argument("--typical-alpha", type=float, default=TypicalParams.alpha)
+    p.add_argument(
+        "--coarse-theta",
+        type=float,
+        default=0.8,
+        help="embedding-cosine threshold of the relaxed 'coarse' rule's token groups",
+    )
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--repetition-context-size", type=int, default=20)
     p.add_argument("--system-prompt", default=None)
@@ -464,6 +485,7 @@ def main(argv: list[str] | None = None) -> None:
             accept_rule=args.accept_rule,
             logits_processors=processors,
             typical=TypicalParams(args.typical_threshold, args.typical_alpha),
+            coarse_theta=args.coarse_theta,
         )
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"ss-mlx generate: error: {e}")

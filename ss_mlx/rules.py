@@ -11,10 +11,17 @@ import mlx.core as mx
 
 from .sampling import SamplerConfig, gumbel_top_k, target_logprobs
 from .tree import TreeSpec
-from .verify import Verdict, greedy_verify, match_verify, rrs_verify, typical_verify
+from .verify import (
+    Verdict,
+    coarse_verify,
+    greedy_verify,
+    match_verify,
+    rrs_verify,
+    typical_verify,
+)
 
 EXACT_RULES = ("greedy", "simple", "rrs")
-RELAXED_RULES = ("typical",)
+RELAXED_RULES = ("typical", "coarse")
 ACCEPT_RULES = ("auto",) + EXACT_RULES + RELAXED_RULES
 
 
@@ -40,6 +47,8 @@ def resolve_rule(rule: str, sampler: SamplerConfig) -> str:
         return "greedy" if sampler.greedy else "rrs"
     if rule == "greedy" and not sampler.greedy:
         raise ValueError("accept_rule 'greedy' needs temp = 0")
+    if rule == "coarse" and sampler.greedy:
+        raise ValueError("accept_rule 'coarse' compares probabilities: it needs temp > 0")
     if rule in ("simple", "rrs") and sampler.greedy:
         return "greedy"  # at temp 0 every exact rule is the greedy rule
     return rule
@@ -53,6 +62,7 @@ def verify(
     sampler: SamplerConfig,
     draft_state: Any,
     typical: TypicalParams,
+    groups: Any = None,
 ) -> Verdict:
     """Apply `rule` to one tree. main_logits: (T, V) after logits processors."""
     if rule == "greedy":
@@ -71,6 +81,8 @@ def verify(
         # The first pass has no draft; any exact rule reduces to one sample at the root.
         return match_verify(tree, tokens, logp)
     candidates, logq = draft_state
+    if rule == "coarse":
+        return coarse_verify(tree, tokens, logp, candidates, logq, groups)
     return rrs_verify(tree, tokens, logp, candidates, logq)
 
 
@@ -81,7 +93,7 @@ def draft(
 
     stream_logits: (D, V), the streams of the last accepted node.
     """
-    if rule != "rrs":
+    if rule not in ("rrs", "coarse"):
         return tree.draft_tokens(stream_logits), None
     logq = target_logprobs(stream_logits, sampler)  # (D, V) the draft distribution
     candidates = gumbel_top_k(logq, tree.max_width)  # (D, K)

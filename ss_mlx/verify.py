@@ -155,3 +155,46 @@ def typical_verify(
         best = _deepest(tree, ok)
     nxt = mx.argmax(logp[best]) if greedy_next else mx.random.categorical(logp[best])
     return Verdict(best, tree.depths[best], tree.path_table[best], nxt)
+
+
+def coarse_verify(
+    tree: TreeSpec,
+    tokens: mx.array,
+    logp: mx.array,
+    candidates: mx.array,
+    logq: mx.array,
+    groups,
+) -> Verdict:
+    """PCG-style coarse-grained acceptance (NOT exact; see ss_mlx/coarse.py).
+
+    Each child is tested on a random group of its token, min(1, P_c(g) / Q_c(g)), against its
+    parent's coarse target; a parent descends to its first passing child in rank order. The
+    token after the last accepted node comes from the coarse residual when that node had
+    children, else from its own target. logp: (T, V); candidates: (D, K); logq: (D, V).
+    """
+    T = tree.num_nodes
+    p = mx.exp(logp.astype(mx.float32))  # (T, V)
+    pc = groups.coarse(p)  # (T, V)
+    qc = groups.coarse(mx.exp(logq.astype(mx.float32)))  # (D, V)
+    if T > 1:
+        par, dep = tree.parents[1:], tree.depths[1:] - 1
+        g = groups.random_group(tokens[1:])  # (T - 1,)
+        ratio = pc[par, g] / mx.maximum(qc[dep, g], 1e-30)
+        passed = mx.concatenate([mx.array([False]), mx.random.uniform(shape=g.shape) < ratio])
+        table = tree.child_table  # (T, K)
+        ok = (table >= 0) & passed[mx.maximum(table, 0)]  # (T, K)
+        first = mx.argmax(ok, axis=-1)  # first passing rank (0 when none)
+        chosen = mx.where(ok.any(axis=-1), mx.take_along_axis(table, first[:, None], 1)[:, 0], -1)
+        match = mx.concatenate([mx.array([True]), chosen[tree.parents[1:]] == mx.arange(1, T)])
+        best = _deepest(tree, match)
+    else:
+        best = mx.array(0)
+    has_children = (tree.child_table[best] >= 0).any()
+    d = mx.minimum(tree.depths[best], max(tree.depth - 1, 0))
+    resid = mx.maximum(pc[best] - qc[d], 0.0)
+    from_groups = groups.token_from_group_residual(p[best], resid)
+    plain = mx.random.categorical(mx.log(p[best]))
+    use_groups = has_children & (resid.sum() > 0)
+    return Verdict(
+        best, tree.depths[best], tree.path_table[best], mx.where(use_groups, from_groups, plain)
+    )

@@ -65,15 +65,17 @@ def exact_pairs(table: mx.array, root: int) -> dict:
     }
 
 
-def run_rule(rule: str, tree: TreeSpec, table, logq, root: int, n: int, seed: int):
+def run_rule(rule, tree: TreeSpec, table, logq, root: int, n: int, seed: int, sampled=None):
     """Emitted 2-token sequences of n independent single steps (short steps completed with an
-    exact sample from the target, which is what the next step would do)."""
+    exact sample from the target, which is what the next step would do). `sampled`: draw the
+    candidates from q (default for "rrs") instead of taking its top-k."""
+    sampled = rule == "rrs" if sampled is None else sampled
     mx.random.seed(seed)
     rng = np.random.default_rng(seed)
     p_np = np.exp(np.array(table))
     counts = Counter()
     for _ in range(n):
-        if rule == "rrs":
+        if sampled:
             cand = gumbel_top_k(logq, tree.max_width)
         else:
             cand = tree.top_candidates(logq)
@@ -130,7 +132,9 @@ def biased_rrs(tree, tokens, logp, cand, logq):
 def test_biased_rule_is_detected():
     cfg = CONFIGS["temp"]
     table, logq = markov_problem(5, seed=11, cfg=cfg)
-    counts = run_rule(biased_rrs, TreeSpec.parse("2,2"), table, logq, 0, N_TRIALS, seed=3)
+    counts = run_rule(
+        biased_rrs, TreeSpec.parse("2,2"), table, logq, 0, N_TRIALS, seed=3, sampled=True
+    )
     ok, pval = chi_square_ok(counts, exact_pairs(table, 0), N_TRIALS)
     assert not ok, f"the biased rule passed (p = {pval:.3f}); the test has no power"
 
@@ -257,3 +261,58 @@ def test_processors_match_mlx_lm():
         )
     ]
     assert ss == ar
+
+
+def test_coarse_groups_and_rule():
+    """Coarse acceptance: groups from embeddings; theta = 1 gives singleton groups."""
+    from ss_mlx.coarse import CoarseGroups
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(6, 4)).astype(np.float32)
+    emb[1] = emb[0] * 2.0  # tokens 0 and 1 point the same way
+    g = CoarseGroups.build(emb, theta=0.99)
+    assert sorted(np.array(g.indices[g.indptr[0].item() : g.indptr[1].item()]).tolist()) == [0, 1]
+    p = mx.array([[0.5, 0.1, 0.1, 0.1, 0.1, 0.1]])
+    pc = np.array(g.coarse(p))[0]
+    assert np.isclose(pc[0], 0.5 / 2 + 0.1 / 2) and np.isclose(pc.sum(), 1.0)
+    singletons = CoarseGroups.build(emb, theta=1.0)
+    np.testing.assert_allclose(np.array(singletons.coarse(p)), np.array(p), atol=1e-7)
+    with pytest.raises(ValueError, match="theta"):
+        CoarseGroups.build(emb, theta=1.5)
+
+
+def test_coarse_rule_runs_and_is_labelled(tmp_path, monkeypatch):
+    monkeypatch.setenv("SS_MLX_HOME", str(tmp_path))
+    model = tiny_ss_model("llama", seed=3)
+    steps = list(
+        ss_generate_step(
+            mx.array([1, 2, 3]),
+            model,
+            max_tokens=20,
+            tree="2,2",
+            sampler=SamplerConfig(temp=1.0),
+            accept_rule="coarse",
+            coarse_theta=0.3,
+        )
+    )
+    assert len(steps) == 20 and {s.rule for s in steps} == {"coarse"}
+    assert list((tmp_path / "coarse").glob("groups-*.npz"))  # groups cached on disk
+    with pytest.raises(ValueError, match="temp > 0"):
+        list(ss_generate_step(mx.array([1, 2]), model, max_tokens=2, accept_rule="coarse"))
+
+
+def test_coarse_with_singleton_groups_is_exact_on_a_chain():
+    """theta = 1 makes every group a single token: on a chain the rule is then ordinary
+    speculative sampling, so the same goodness-of-fit check must pass."""
+    from ss_mlx.coarse import CoarseGroups
+    from ss_mlx.verify import coarse_verify
+
+    groups = CoarseGroups.build(np.eye(5, dtype=np.float32), theta=1.0)
+    table, logq = markov_problem(5, seed=11, cfg=CONFIGS["temp"])
+
+    def rule(tree, tokens, logp, cand, logq_):
+        return coarse_verify(tree, tokens, logp, cand, logq_, groups)
+
+    counts = run_rule(rule, TreeSpec.parse("1,1"), table, logq, 0, N_TRIALS, seed=5, sampled=True)
+    ok, pval = chi_square_ok(counts, exact_pairs(table, 0), N_TRIALS)
+    assert ok, f"chi-square p = {pval:.2e}"

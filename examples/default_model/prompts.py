@@ -1,0 +1,83 @@
+"""Build the prompt sets for the default model's stream training (issue: lossless SmolLM2).
+
+Training prompts (permissive licences only): wwdc25 train (MIT), WikiSQL train (BSD-3/MIT),
+E2E dev MRs (CC BY-SA 4.0). Held out for evaluation, never trained on: Vicuna-bench (Apache-2.0)
+and wwdc25 valid. DialogSum is not used (non-commercial licence).
+
+    python examples/default_model/prompts.py --data ../shared/data --out work/default_model
+"""
+
+import argparse
+import csv
+import json
+import random
+from pathlib import Path
+
+E2E_TEMPLATE = "Write a short restaurant description from these facts: {mr}"
+SQL_TEMPLATE = "{context}\nWrite the SQL query that answers the question."
+
+
+def wwdc(path: Path) -> list[str]:
+    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def wikisql(path: Path) -> list[str]:
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            text = json.loads(line)["text"]
+            out.append(SQL_TEMPLATE.format(context=text.split("\nA:")[0]))
+    return out
+
+
+def e2e(path: Path) -> list[str]:
+    with path.open(newline="") as f:
+        mrs = list(dict.fromkeys(row["mr"] for row in csv.DictReader(f)))
+    return [E2E_TEMPLATE.format(mr=mr) for mr in mrs]
+
+
+def vicuna(path: Path) -> list[str]:
+    return [json.loads(line)["turns"][0] for line in path.read_text().splitlines() if line.strip()]
+
+
+def write(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="../shared/data")
+    p.add_argument("--out", default="work/default_model")
+    p.add_argument("--n-wwdc", type=int, default=700)
+    p.add_argument("--n-sql", type=int, default=250)
+    p.add_argument("--n-e2e", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    data, out = Path(args.data), Path(args.out)
+    rng = random.Random(args.seed)
+
+    def pick(items: list[str], n: int, source: str) -> list[dict]:
+        items = list(items)
+        rng.shuffle(items)
+        return [{"prompt": t, "source": source} for t in items[:n]]
+
+    train = (
+        pick(wwdc(data / "chat/wwdc25_train.jsonl"), args.n_wwdc, "wwdc25")
+        + pick(wikisql(data / "wikisql/train.jsonl"), args.n_sql, "wikisql")
+        + pick(e2e(data / "e2e/devset.csv"), args.n_e2e, "e2e")
+    )
+    rng.shuffle(train)
+    heldout = [{"prompt": t, "source": "vicuna"} for t in vicuna(
+        data / "chat/vicuna_bench_questions.jsonl")]
+    heldout += [{"prompt": t, "source": "wwdc25_valid"} for t in wwdc(
+        data / "chat/wwdc25_valid.jsonl")]
+    write(train, out / "prompts_train.jsonl")
+    write(heldout, out / "prompts_heldout.jsonl")
+    print(f"{len(train)} training prompts, {len(heldout)} held-out prompts -> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,587 @@
+"""`ss-mlx tune`: fit the draft tree to this machine and this model.
+
+Two measurements, then a choice:
+1. the verify-cost curve: seconds of one decoding pass over a tree of T nodes (T = 1..max_t),
+   relative to T = 1, on a realistic context. On a GPU this is flat until some row count and
+   then climbs; on a CPU it climbs early. Either way it is what a bigger tree costs.
+2. acceptance: for each prompt, the model's own greedy continuation (what every lossless
+   method must produce) and, at every position t, the rank of the true token t+1+d in stream
+   d's ranking. A tree node (r1, .., rd) is accepted at t exactly when the true tokens have
+   ranks r1, .., rd, so any tree's expected accepted length is an average over positions.
+3. the choice: trees grown best-first by estimated path probability (exactly the trees
+   ``TreeSpec.from_widths(widths, node_budget, rank_probs)`` builds), scored by expected
+   tokens per pass / relative cost of their size; the best is saved for (model, machine).
+
+Saved as JSON under ``$SS_MLX_HOME`` (else ``$XDG_CACHE_HOME/ss-mlx``, else ``~/.cache/ss-mlx``)
+in ``tuned/<model-hash>-<machine-hash>.json``; :func:`load_tuned_tree` reads it back.
+"""
+
+import argparse
+import hashlib
+import heapq
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from .cache import make_cache
+from .config import CONFIG_KEY, STREAMS_FILE
+from .machine import describe_machine, machine_key, summary_line
+from .model import SSModel, plain_tree_forward
+from .tree import TreeSpec
+
+SCHEMA = "ss-mlx-tuned/1"
+DEFAULT_MAX_T = 64
+DEFAULT_MAX_WIDTH = 4
+RANK_WIDTH = 8  # ranks >= this count as "not in the top ranks"
+
+# Used when no prompt file is given and ../shared/data is not there.
+FALLBACK_PROMPTS = (
+    "Explain speculative decoding in two sentences.",
+    "Write a short story about a lighthouse keeper.",
+    "What are the main differences between Python and JavaScript?",
+    "List five tips for better sleep.",
+    "Describe how a refrigerator works.",
+    "Summarize the plot of Romeo and Juliet.",
+    "Write a haiku about autumn.",
+    "How do vaccines train the immune system?",
+)
+
+
+# ------------------------------------------------------------------ keys and storage
+
+
+def model_hash(model_dir: str | Path) -> str:
+    """A short hash identifying a model directory's content, independent of its path.
+
+    Covers config.json (minus the stream config's default ``tree``, which tuning replaces),
+    the stream parameters' bytes, and the names and sizes of the weight files (hashing
+    gigabytes of weights on every load would be too slow; a fine-tune changes the streams).
+    """
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    if isinstance(config.get(CONFIG_KEY), dict):
+        config[CONFIG_KEY] = {k: v for k, v in config[CONFIG_KEY].items() if k != "tree"}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    streams = model_dir / STREAMS_FILE
+    if streams.is_file():
+        h.update(streams.read_bytes())
+    for f in sorted(model_dir.glob("model*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def tuned_dir(home: str | Path | None = None) -> Path:
+    from .default_model import cache_root
+
+    return cache_root(home) / "tuned"
+
+
+def tuned_path(model_dir: str | Path, machine: str | None = None,
+               home: str | Path | None = None) -> Path:
+    """Where the tuned tree of this model on this machine lives."""
+    return tuned_dir(home) / f"{model_hash(model_dir)}-{machine or machine_key()}.json"
+
+
+def load_tuned(model_dir: str | Path, home: str | Path | None = None) -> dict[str, Any] | None:
+    """The full tuning record for this model on this machine, or None."""
+    try:
+        path = tuned_path(model_dir, home=home)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if record.get("schema") == SCHEMA else None
+
+
+def load_tuned_tree(model_dir: str | Path, home: str | Path | None = None) -> dict | None:
+    """The tuned tree for this model on this machine, as a dict for ``TreeSpec.from_dict``
+    (``{"widths", "node_budget", "rank_probs"}``), or None when it was never tuned here."""
+    record = load_tuned(model_dir, home)
+    return None if record is None else record["tree"]
+
+
+def save_tuned(model_dir: str | Path, record: dict[str, Any],
+               home: str | Path | None = None) -> Path:
+    from .bench import dump_json
+    from .loader import atomic_write_text
+
+    path = tuned_path(model_dir, record["machine"]["key"], home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, dump_json(record))
+    return path
+
+
+# ------------------------------------------------------------------ verify-cost curve
+
+
+def _time_once(fn: Callable[[], Any]) -> float:
+    tic = time.perf_counter()
+    mx.eval(fn())
+    return time.perf_counter() - tic
+
+
+def measure_verify_cost(
+    model: Any,
+    *,
+    max_t: int = DEFAULT_MAX_T,
+    context: int = 256,
+    repeats: int = 5,
+    warmup: int = 2,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Seconds of one decoding pass over T = 1..max_t tree nodes after `context` cached tokens.
+
+    For an SSModel the pass is ``tree_forward`` (main rows plus their streams) followed by the
+    main argmax and the stream head at one node, as in a real step; for a plain mlx-lm model it
+    is ``plain_tree_forward`` (the pass of lookup/Medusa decoding). The tree is a chain: the cost
+    of a pass depends on its row count, not on its shape. Repeats are interleaved over T so
+    that load changes hit every T alike; medians are reported. Also times mlx-lm's own
+    one-token forward (the AR step) for reference.
+    """
+    from tqdm import tqdm
+
+    if max_t < 1:
+        raise ValueError(f"max_t must be >= 1, got {max_t}")
+    is_ss = isinstance(model, SSModel)
+    base = model.base if is_ss else model
+    vocab = base.model.embed_tokens.weight.shape[0]
+    rng = np.random.default_rng(seed)
+    cache = make_cache(base)
+    ctx = mx.array(rng.integers(0, vocab, size=context), dtype=mx.int32)
+    if context:
+        base(ctx[None], cache=cache)
+        mx.eval([c.state for c in cache])
+    start = cache[0].offset
+    masks = {}
+
+    def tree_pass(T: int) -> list[mx.array]:
+        if T not in masks:
+            masks[T] = mx.tril(mx.ones((T, T), dtype=mx.bool_))
+        tokens = mx.array(rng.integers(0, vocab, size=T), dtype=mx.int32)
+        positions = start + mx.arange(T)
+        if is_ss:
+            logits, streams = model.tree_forward(tokens, positions, masks[T], cache)
+            out = [mx.argmax(logits, axis=-1), mx.argmax(model.head(streams[-1]), axis=-1)]
+        else:
+            logits, _ = plain_tree_forward(base, tokens, positions, masks[T], cache)
+            out = [mx.argmax(logits, axis=-1)]
+        return out
+
+    def timed(fn: Callable[[], list[mx.array]]) -> float:
+        t = _time_once(fn)
+        for c in cache:  # drop the rows this pass appended
+            c.offset = start
+        return t
+
+    def ar_step() -> list[mx.array]:
+        tok = mx.array([[int(rng.integers(0, vocab))]], dtype=mx.int32)
+        return [mx.argmax(base(tok, cache=cache)[:, -1], axis=-1)]
+
+    sizes = list(range(1, max_t + 1))
+    for _ in range(warmup):
+        for T in (1, max_t):
+            timed(lambda T=T: tree_pass(T))
+        timed(ar_step)
+    samples: dict[int, list[float]] = {T: [] for T in sizes}
+    ar: list[float] = []
+    bar = tqdm(total=repeats * (len(sizes) + 1), desc="verify cost", unit="pass",
+               disable=not progress, file=sys.stderr)
+    for _ in range(repeats):
+        for T in sizes:
+            samples[T].append(timed(lambda T=T: tree_pass(T)))
+            bar.update()
+        ar.append(timed(ar_step))
+        bar.update()
+    bar.close()
+    seconds = [float(np.median(samples[T])) for T in sizes]
+    return {
+        "pass": "ss tree_forward" if is_ss else "plain tree forward",
+        "context": context,
+        "repeats": repeats,
+        "T": sizes,
+        "seconds": seconds,
+        "relative": [s / seconds[0] for s in seconds],
+        "samples": [samples[T] for T in sizes],
+        "ar_seconds": float(np.median(ar)),
+        "ar_samples": ar,
+    }
+
+
+def monotone_cost(relative: Sequence[float]) -> list[float]:
+    """The closest non-decreasing curve (least squares; pool adjacent violators).
+
+    More rows never cost less work, so a dip is timing noise; pooling it with its neighbours
+    neither trusts a lucky low sample nor an unlucky high one.
+    """
+    blocks: list[list[float]] = []  # [sum, count] of pooled runs
+    for x in relative:
+        blocks.append([float(x), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return [total / count for total, count in blocks for _ in range(int(count))]
+
+
+# ------------------------------------------------------------------ acceptance
+
+
+def stream_ranks(model: SSModel, sequence: Sequence[int], start: int) -> np.ndarray:
+    """Rank of the true token in each stream's ranking, at positions start..L-2-G.
+
+    sequence: prompt + greedy continuation; start: the index of the last prompt token. Stream d
+    (1-based) of position t predicts token t+1+d. Returns (P, G) int ranks (0 = argmax).
+    """
+    G = model.num_streams
+    L = len(sequence)
+    last = L - 2 - G
+    if last < start:
+        return np.zeros((0, G), dtype=np.int32)
+    seq = mx.array(list(sequence), dtype=mx.int32)
+    _, streams = model.full_forward(seq[None])  # (1, L, G, V)
+    logits = streams[0, start : last + 1]  # (P, G, V)
+    P = last + 1 - start
+    idx = mx.arange(start, last + 1)[:, None] + 1 + mx.arange(1, G + 1)[None]  # (P, G)
+    true = seq[idx]  # (P, G)
+    true_logit = mx.take_along_axis(logits, true[..., None], axis=-1)  # (P, G, 1)
+    ranks = mx.sum(logits > true_logit, axis=-1)  # (P, G)
+    out = np.array(ranks, dtype=np.int32)
+    assert out.shape == (P, G)
+    return out
+
+
+def measure_ranks(
+    model: SSModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_tokens: int = 64,
+    progress: bool = True,
+) -> np.ndarray:
+    """Stream ranks of the true continuation over every generated position of every prompt.
+
+    The continuation is the model's own greedy output (produced by Speculative Streaming,
+    which is lossless). Returns (N, G) int ranks.
+    """
+    from tqdm import tqdm
+
+    from .generate import ss_generate_step
+
+    rows = []
+    for ids in tqdm(prompts, desc="acceptance", unit="prompt", disable=not progress,
+                    file=sys.stderr):
+        out = [st.token for st in ss_generate_step(mx.array(list(ids)), model,
+                                                   max_tokens=max_tokens)]
+        rows.append(stream_ranks(model, list(ids) + out, len(ids) - 1))
+    return np.concatenate(rows) if rows else np.zeros((0, model.num_streams), dtype=np.int32)
+
+
+def rank_probs_from_ranks(ranks: np.ndarray, width: int = RANK_WIDTH,
+                          prior: float = 0.5) -> list[list[float]]:
+    """p[d][r]: how often stream d+1's rank-r token is the true one (additively smoothed so
+    that unseen ranks still order sensibly: rank 0 first)."""
+    n = ranks.shape[0]
+    probs = []
+    for d in range(ranks.shape[1]):
+        counts = np.bincount(np.clip(ranks[:, d], 0, width), minlength=width + 1)[:width]
+        # A tiny rank-decaying prior breaks ties between unseen ranks in rank order.
+        probs.append([float((counts[r] + prior / (r + 1)) / (n + 2 * prior)) for r in range(width)])
+    return probs
+
+
+# ------------------------------------------------------------------ tree selection
+
+
+def grow_tree(rank_probs: Sequence[Sequence[float]], max_width: int,
+              max_nodes: int) -> list[tuple[int, ...]]:
+    """Draft nodes in the order ``TreeSpec.from_widths`` ranks them: by estimated path
+    probability, then depth, then path. Every prefix of the result is a valid tree, and equals
+    the tree ``from_widths(widths_of(prefix), len(prefix), rank_probs)`` builds.
+    """
+
+    def score(p: tuple[int, ...]) -> float:
+        # Same expression as TreeSpec.from_widths, so ties break identically.
+        return math.prod(rank_probs[d][r] for d, r in enumerate(p))
+
+    depth = len(rank_probs)
+    width = min(max_width, *(len(p) for p in rank_probs))
+    frontier = [(-score((r,)), 1, (r,)) for r in range(width)]
+    heapq.heapify(frontier)
+    order: list[tuple[int, ...]] = []
+    while frontier and len(order) < max_nodes:
+        _, _, p = heapq.heappop(frontier)
+        order.append(p)
+        if len(p) < depth:
+            for r in range(width):
+                c = p + (r,)
+                heapq.heappush(frontier, (-score(c), len(c), c))
+    return order
+
+
+def widths_of(paths: Sequence[tuple[int, ...]]) -> list[int]:
+    depth = max(len(p) for p in paths)
+    return [max(p[d] for p in paths if len(p) > d) + 1 for d in range(depth)]
+
+
+def node_acceptance(paths: Sequence[tuple[int, ...]], ranks: np.ndarray | None = None,
+                    rank_probs: Sequence[Sequence[float]] | None = None) -> list[float]:
+    """P(node accepted) for each path (parents listed before children).
+
+    With measured ``ranks`` (N, G): the fraction of positions where the true tokens have
+    exactly these ranks (correlations between streams included). Else the product of
+    ``rank_probs`` along the path (streams independent).
+    """
+    if ranks is None:
+        if rank_probs is None:
+            raise ValueError("node_acceptance needs ranks or rank_probs")
+        return [math.prod(rank_probs[d][r] for d, r in enumerate(p)) for p in paths]
+    n = max(ranks.shape[0], 1)
+    masks: dict[tuple[int, ...], np.ndarray] = {(): np.ones(ranks.shape[0], dtype=bool)}
+    out = []
+    for p in paths:
+        masks[p] = masks[p[:-1]] & (ranks[:, len(p) - 1] == p[-1])
+        out.append(float(masks[p].sum() / n))
+    return out
+
+
+def expected_tokens_per_pass(paths: Sequence[tuple[int, ...]], ranks: np.ndarray | None = None,
+                             rank_probs: Sequence[Sequence[float]] | None = None) -> float:
+    """1 (the main token) + the expected accepted length: accepted nodes are one per depth
+    along one path, so the expected length is the sum of the nodes' acceptance probabilities."""
+    return 1.0 + sum(node_acceptance(paths, ranks, rank_probs))
+
+
+def select_tree(
+    relative_cost: Sequence[float],
+    rank_probs: Sequence[Sequence[float]],
+    ranks: np.ndarray | None = None,
+    *,
+    max_width: int = DEFAULT_MAX_WIDTH,
+    max_nodes: int | None = None,
+) -> dict[str, Any]:
+    """The tree maximising expected tokens per pass / relative cost of its size.
+
+    Args:
+        relative_cost: cost of a pass over T = 1, 2, ... nodes relative to T = 1 (index T-1).
+        rank_probs: p[d][r], stream d+1's rank-r token is right (orders the nodes).
+        ranks: measured (N, G) ranks; when given, expected acceptance is taken from them
+            (joint), else from ``rank_probs`` (independent streams).
+        max_width: at most this many candidates per depth.
+        max_nodes: at most this many draft nodes (default: what the cost curve covers).
+
+    Returns a dict with ``tree`` (for ``TreeSpec.from_dict``), ``num_nodes`` (with the root),
+    ``expected_tokens_per_pass``, ``relative_cost``, ``score`` and ``candidates`` (every size
+    considered, best first).
+    """
+    cost = monotone_cost(relative_cost)
+    limit = len(cost) - 1 if max_nodes is None else min(max_nodes, len(cost) - 1)
+    if limit < 1:
+        raise ValueError("the cost curve must cover at least T = 2 (one draft node)")
+    order = grow_tree(rank_probs, max_width, limit)
+    accept = np.cumsum(node_acceptance(order, ranks, rank_probs))
+    candidates = []
+    for b in range(1, len(order) + 1):
+        tokens = 1.0 + float(accept[b - 1])
+        candidates.append({
+            "draft_nodes": b,
+            "widths": widths_of(order[:b]),
+            "expected_tokens_per_pass": tokens,
+            "relative_cost": cost[b],
+            "score": tokens / cost[b],
+        })
+    candidates.sort(key=lambda c: -c["score"])
+    best = candidates[0]
+    b = best["draft_nodes"]
+    tree = {"widths": best["widths"], "node_budget": b,
+            "rank_probs": [list(map(float, p[: max(best["widths"])])) for p in rank_probs]}
+    spec = TreeSpec.from_dict(tree)
+    # The saved dict must rebuild exactly the tree that was scored.
+    assert sorted(spec.paths[1:]) == sorted(order[:b]), (spec.paths, order[:b])
+    return {
+        "tree": tree,
+        "paths": [list(p) for p in spec.paths[1:]],
+        "num_nodes": spec.num_nodes,
+        "expected_tokens_per_pass": best["expected_tokens_per_pass"],
+        "relative_cost": best["relative_cost"],
+        "score": best["score"],
+        "root_only_score": 1.0 / cost[0],
+        "candidates": candidates,
+    }
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def plot_tuning(record: dict[str, Any], path: str | Path) -> None:
+    """Verify-cost curve with the chosen size marked, and acceptance by (depth, rank)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .bench import atomic_savefig
+
+    curve = record["verify_cost"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    ax.plot(curve["T"], curve["relative"], marker=".", label="measured")
+    ax.plot(curve["T"], monotone_cost(curve["relative"]), ls="--", label="used (monotone)")
+    T = record["choice"]["num_nodes"]
+    ax.axvline(T, color="tab:red", ls=":", label=f"chosen tree: {T} nodes")
+    ax.set_xlabel("tree nodes T (rows verified per pass)")
+    ax.set_ylabel("pass time / time at T = 1")
+    ax.set_title("verify cost")
+    ax.legend()
+    ax = axes[1]
+    probs = np.array(record["acceptance"]["rank_probs"])
+    for r in range(min(4, probs.shape[1])):
+        ax.plot(range(1, probs.shape[0] + 1), probs[:, r], marker="o", label=f"rank {r}")
+    ax.set_xticks(range(1, probs.shape[0] + 1))
+    ax.set_xlabel("stream (draft depth)")
+    ax.set_ylabel("P(true token has this rank)")
+    ax.set_title("stream acceptance")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.suptitle(f"ss-mlx tune: {record['model']['path']}", fontsize=9)
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ss-mlx tune",
+        description="Measure the verify-cost curve and stream acceptance, pick the draft tree "
+        "that maximises expected tokens/s, and save it for this machine and model.",
+    )
+    p.add_argument("--model", help="SS model directory (default: the embedded default model)")
+    p.add_argument("--max-t", type=int, default=DEFAULT_MAX_T,
+                   help="largest tree (nodes incl. the root) to time (default: %(default)s)")
+    p.add_argument("--prompts", nargs="+", default=None,
+                   help="data set names or JSONL files for the acceptance measurement "
+                   "(default: chat, or built-in prompts when the data is not there)")
+    p.add_argument("--n", type=int, default=12, help="prompts per set (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=96,
+                   help="tokens generated per prompt (default: %(default)s)")
+    p.add_argument("--max-width", type=int, default=DEFAULT_MAX_WIDTH,
+                   help="largest top-k per depth considered (default: %(default)s)")
+    p.add_argument("--context", type=int, default=256,
+                   help="cached tokens before the timed passes (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="timings per T (default: %(default)s)")
+    p.add_argument("--data-root", default=None, help="folder of the data sets")
+    p.add_argument("--plot", help="write the curve and acceptance plot (PNG) here")
+    p.add_argument("--json", help="also write the tuning record here")
+    p.add_argument("--no-save", action="store_true", help="do not save the tuned tree")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _tune_prompts(args: argparse.Namespace, tokenizer: Any) -> tuple[list[list[int]], list[str]]:
+    from .datasets import DatasetError, encode_prompt, load_prompts
+
+    names = args.prompts or ["chat"]
+    ids: list[list[int]] = []
+    used = []
+    for name in names:
+        try:
+            ps = load_prompts(name, n=args.n, root=args.data_root)
+        except DatasetError:
+            if args.prompts:
+                raise
+            ids = [encode_prompt(tokenizer, t, True) for t in FALLBACK_PROMPTS]
+            return ids, ["built-in prompts"]
+        ids += [encode_prompt(tokenizer, t, ps.chat) for t in ps.prompts]
+        used.append(f"{ps.name} ({ps.source}, {len(ps.prompts)} prompts)")
+    return ids, used
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = setup_arg_parser().parse_args(argv)
+    from .datasets import DatasetError
+    from .loader import load, resolve_model_path
+
+    try:
+        if args.model is None:
+            from .default_model import ensure_default_model
+
+            args.model = ensure_default_model()
+        model_dir = resolve_model_path(args.model)
+        model, tokenizer = load(model_dir)
+        prompts, used = _tune_prompts(args, tokenizer)
+    except (ValueError, FileNotFoundError, DatasetError) as e:
+        sys.exit(f"ss-mlx tune: error: {e}")
+    if args.max_t < 2:
+        sys.exit("ss-mlx tune: error: --max-t must be >= 2")
+    progress = not args.no_progress
+    dtype = str(model.base.model.norm.weight.dtype).removeprefix("mlx.core.")
+    machine = describe_machine(dtype)
+    machine["key"] = machine_key(machine)
+
+    curve = measure_verify_cost(model, max_t=args.max_t, context=args.context,
+                                repeats=args.repeats, progress=progress)
+    ranks = measure_ranks(model, prompts, max_tokens=args.max_tokens, progress=progress)
+    if ranks.shape[0] == 0:
+        sys.exit("ss-mlx tune: error: the prompts produced no positions to measure; "
+                 "raise --max-tokens or give more prompts")
+    probs = rank_probs_from_ranks(ranks)
+    choice = select_tree(curve["relative"], probs, ranks, max_width=args.max_width)
+    T = choice["num_nodes"]
+    predicted = choice["expected_tokens_per_pass"] / (curve["seconds"][T - 1] / curve["ar_seconds"])
+    record = {
+        "schema": SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "ss-mlx tune " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": {"path": str(model_dir), "hash": model_hash(model_dir)},
+        "machine": machine,
+        "tree": choice["tree"],
+        "choice": {k: v for k, v in choice.items() if k != "tree"},
+        "predicted_speedup_vs_ar": predicted,
+        "verify_cost": curve,
+        "acceptance": {
+            "prompts": used,
+            "positions": int(ranks.shape[0]),
+            "rank_probs": probs,
+            "top1_by_depth": [float(np.mean(ranks[:, d] == 0)) for d in range(ranks.shape[1])],
+        },
+    }
+
+    print(f"Machine: {summary_line(machine)}")
+    print(f"Model:   {model_dir} ({record['model']['hash']})")
+    print("\nVerify cost (one pass over T tree nodes, relative to T = 1; "
+          f"AR step {curve['ar_seconds'] * 1e3:.2f} ms):")
+    print("| T | ms | relative |\n|---:|---:|---:|")
+    for t, s, r in zip(curve["T"], curve["seconds"], curve["relative"], strict=True):
+        print(f"| {t} | {s * 1e3:.2f} | {r:.2f} |")
+    top1 = ", ".join(f"{a:.2f}" for a in record["acceptance"]["top1_by_depth"])
+    print(f"\nStream top-1 acceptance by depth ({ranks.shape[0]} positions): {top1}")
+    print(f"Chosen tree: widths {choice['tree']['widths']}, node budget "
+          f"{choice['tree']['node_budget']} ({T} nodes with the root)")
+    print(f"  expected tokens/pass {choice['expected_tokens_per_pass']:.2f}, relative cost "
+          f"{choice['relative_cost']:.2f}, predicted speedup vs AR {predicted:.2f}x")
+    if predicted < 1.0:
+        print("  warning: no tree is predicted to beat autoregressive decoding on this machine")
+    if args.json:
+        from .bench import atomic_write, dump_json
+
+        atomic_write(args.json, dump_json(record))
+    if args.plot:
+        plot_tuning(record, args.plot)
+        print(f"Plot: {args.plot}")
+    if not args.no_save:
+        print(f"Saved: {save_tuned(model_dir, record)}")
+
+
+if __name__ == "__main__":
+    main()

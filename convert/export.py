@@ -41,10 +41,10 @@ from .checkpoint_io import (
     open_tensor_file,
 )
 from .export_lora import LoraMergeError, LoraMerger, plan_lora_merge
+from .medusa import MEDUSA_CONFIG_KEY as MEDUSA_KEY
+from .medusa import MEDUSA_FILE
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-MEDUSA_FILE = "medusa_heads.safetensors"
-MEDUSA_KEY = "medusa"
 # Copied verbatim: what mlx-lm's tokenizer loader and generation defaults read.
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -2,7 +2,8 @@
 
 Two checks on the same token ids:
 1. logits: main and every stream (and the early-exit head when present), fp32 max abs diff
-   below `atol` (1e-4), PyTorch `StreamingLM` vs `SSModel.full_forward`;
+   below max(1e-4, 1e-5 * max|logit|) (see DEFAULT_RTOL), PyTorch `StreamingLM` (read by the
+   trainer's `load_trained`) vs `SSModel.full_forward`;
 2. greedy decoding: PyTorch autoregressive greedy (the fine-tuned base, KV cache) and
    `ss_mlx.stream_generate` (tree drafts + verification) must emit identical tokens.
 A directory without a `speculative_streaming` block (e.g. Medusa baseline) gets the same checks
@@ -25,9 +26,10 @@ import mlx.core as mx
 # isort: on
 import torch
 
-from ss_mlx.config import CONFIG_KEY, STREAMS_FILE
+from ss_mlx.config import CONFIG_KEY
 
 from .checkpoint_io import ADAPTER_CONFIG, ADAPTER_FILES
+from .medusa import MEDUSA_CONFIG_KEY as MEDUSA_KEY
 
 DEFAULT_ATOL = 1e-4
 # fp32 rounding grows with the logit scale: on SmolLM2-135M (|logit| <= ~38, 30 layers) PyTorch
@@ -122,16 +124,21 @@ class ParityReport:
 def load_torch_model(torch_dir: Path | str) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """(causal LM with its LoRA applied unmerged, StreamingLM or None), fp32, eval mode.
 
-    Built the way the trainer's checkpoint is meant to be read: transformers for the base, peft
-    for the adapter, `StreamingLM.load_ss_state_dict` for the stream parameters.
+    Trained checkpoints go through the trainer's own reader (`pretrained.load_trained`), so the
+    gate checks the conversion against exactly what training produced; a directory with
+    neither streams nor Medusa heads is read with transformers (+ peft) directly.
     """
-    import transformers
-    from safetensors.torch import load_file
-
     torch_dir = Path(torch_dir)
-    base = transformers.AutoModelForCausalLM.from_pretrained(
-        torch_dir, dtype=torch.float32, attn_implementation="eager"
-    )
+    config = json.loads((torch_dir / "config.json").read_text())
+    if CONFIG_KEY in config or MEDUSA_KEY in config:
+        from .pretrained import load_trained
+
+        trained = load_trained(torch_dir, dtype=torch.float32)
+        return trained.base, (trained if CONFIG_KEY in config else None)
+
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(torch_dir, dtype=torch.float32)
     has_adapter = (torch_dir / ADAPTER_CONFIG).is_file() and any(
         (torch_dir / f).is_file() for f in ADAPTER_FILES
     )
@@ -140,15 +147,7 @@ def load_torch_model(torch_dir: Path | str) -> tuple[torch.nn.Module, torch.nn.M
         from peft import PeftModel
 
         base = PeftModel.from_pretrained(base, torch_dir)
-    base.eval()
-    config = json.loads((torch_dir / "config.json").read_text())
-    if CONFIG_KEY not in config:
-        return base, None
-    from .modeling import StreamingLM
-
-    ss = StreamingLM(base, config[CONFIG_KEY]).eval()
-    ss.load_ss_state_dict(load_file(str(torch_dir / STREAMS_FILE)))
-    return base, ss
+    return base.eval(), None
 
 
 @torch.no_grad()

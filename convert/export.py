@@ -43,21 +43,9 @@ from .checkpoint_io import (
 from .export_lora import LoraMergeError, LoraMerger, plan_lora_merge
 from .medusa import MEDUSA_CONFIG_KEY as MEDUSA_KEY
 from .medusa import MEDUSA_FILE
+from .save_model import TOKENIZER_FILES  # the trainer's list: what it copies, we copy on
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-# Copied verbatim: what mlx-lm's tokenizer loader and generation defaults read.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 # Source tensors mlx-lm's sanitize drops on purpose and that carry no information.
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -294,7 +282,7 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
         shutil.copy2(src / f, dst / f)
     if not any(f.startswith("tokenizer") for f in copied):
         print(
-            f"[convert] warning: {src} has no tokenizer files; mlx_lm.load / ss_mlx.load need them",
+            f"[convert] warning: {src} has no tokenizer files; the output has no usable tokenizer",
             file=sys.stderr,
         )
     return copied
@@ -413,15 +401,20 @@ def _parity_gate(src: Path, built: Path, *, exact: bool, opts: dict[str, Any]) -
     from .parity import check_parity
 
     config = json.loads((built / "config.json").read_text())
-    if exact and config.get("dtype", config.get("torch_dtype", "float32")) == "float32":
-        report = check_parity(src, built)
-    else:
-        with tempfile.TemporaryDirectory(prefix=".parity-", dir=built.parent) as ref:
-            write_model_dir(src, Path(ref), **{**opts, "dtype": "float32", "quantize": False})
-            report = check_parity(src, ref)
-        # Logits only: greedy tokens of a lossy trunk may legitimately differ.
-        info = check_parity(src, built, atol=float("inf"), greedy_tokens=0)
-        print("[convert] requested output (not gated):\n" + info.summary())
+    try:
+        if exact and config.get("dtype", config.get("torch_dtype", "float32")) == "float32":
+            report = check_parity(src, built)
+        else:
+            with tempfile.TemporaryDirectory(prefix=".parity-", dir=built.parent) as ref:
+                write_model_dir(src, Path(ref), **{**opts, "dtype": "float32", "quantize": False})
+                report = check_parity(src, ref)
+            # Logits only: greedy tokens of a lossy trunk may legitimately differ.
+            info = check_parity(src, built, atol=float("inf"), greedy_tokens=0)
+            print("[convert] requested output (not gated):\n" + info.summary())
+    except (ConversionError, CheckpointError, LoraMergeError):
+        raise
+    except Exception as e:  # a model or tokenizer that does not even load fails the gate
+        raise ConversionError(f"parity gate could not run: {type(e).__name__}: {e}") from e
     print(report.summary())
     if not report.ok:
         raise ConversionError("parity gate failed:\n" + report.summary())

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -102,6 +103,18 @@ def test_convert_check_publishes_only_on_pass(converted, tmp_path, monkeypatch, 
     with pytest.raises(ConversionError, match="parity gate failed"):
         convert(src, tmp_path / "gated", check=True)
     assert set(os.listdir(tmp_path)) == before
+
+
+def test_gate_that_cannot_run_fails_cleanly(converted, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(converted["qwen2_plain"][0], src)
+    # The runtime passes unknown block keys through; the trainer's StreamingLM refuses them.
+    config = json.loads((src / "config.json").read_text())
+    config["speculative_streaming"]["comment"] = "hand-edited"
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="parity gate could not run.*comment"):
+        convert(src, tmp_path / "out", check=True)
+    assert sorted(os.listdir(tmp_path)) == ["src"]
 
 
 def test_medusa_checkpoint_carries_heads_and_gates_the_trunk(tmp_path):

@@ -1,6 +1,7 @@
 """The committed example report: tune on this machine, then bench chat and E2E prompts.
 
     python benchmarks/example_report.py [--model DIR] [--out benchmarks/results/NAME]
+        [--datasets chat,e2e] [--n 12] [--max-tokens 128] [--repeats 2]
 
 Writes into the output folder (default ``benchmarks/results/<machine>``): ``tune.{json,png}``
 and ``tuned_tree.json`` (from ``ss-mlx tune --no-save``: nothing goes into the user cache), then
@@ -33,9 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", help="model directory (default: the embedded default model)")
     p.add_argument("--out", type=Path, default=None, help="output folder")
     p.add_argument("--datasets", default="chat,e2e")
-    p.add_argument("--n", default="30")
+    # Sized for a 2-core CPU (a few tokens/s under load): ~1 h per data set there.
+    p.add_argument("--n", default="12")
     p.add_argument("--max-tokens", default="128")
-    p.add_argument("--repeats", default="3")
+    p.add_argument("--repeats", default="2")
     args = p.parse_args(argv)
     out = args.out or RESULTS / machine_slug()
     out.mkdir(parents=True, exist_ok=True)

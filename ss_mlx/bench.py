@@ -246,10 +246,18 @@ def medusa_method(base: nn.Module, heads: Any, tree: Any = None) -> Method:
 # ------------------------------------------------------------------ measuring
 
 
+def _synchronize() -> None:
+    from mlx_lm.generate import generation_stream
+
+    # mlx-lm decodes on its own stream and queues the next step before yielding a token.
+    mx.synchronize(generation_stream)
+    mx.synchronize()
+
+
 def run_once(method: Method, prompt: mx.array, max_tokens: int, eos: set[int],
              prompt_index: int = 0, repeat: int = 0) -> Run:
     """Generate once, timing the first token and the rest; stop at EOS or max_tokens."""
-    mx.synchronize()
+    _synchronize()
     mx.clear_cache()
     mx.reset_peak_memory()
     active = mx.get_active_memory()
@@ -274,7 +282,7 @@ def run_once(method: Method, prompt: mx.array, max_tokens: int, eos: set[int],
                 break
     finally:
         gen.close()
-    mx.synchronize()  # a pipelined step still in flight belongs to this run, not the next
+    _synchronize()  # a pipelined step still in flight belongs to this run, not the next
     if t_first is None:
         raise RuntimeError(f"method {method.name} produced no tokens")
     steps = sorted(passes)

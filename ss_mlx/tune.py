@@ -268,22 +268,26 @@ def measure_ranks(
     prompts: Sequence[Sequence[int]],
     *,
     max_tokens: int = 64,
+    eos: set[int] | None = None,
     progress: bool = True,
 ) -> np.ndarray:
     """Stream ranks of the true continuation over every generated position of every prompt.
 
-    The continuation is the model's own greedy output (produced by Speculative Streaming,
-    which is lossless). Returns (N, G) int ranks.
+    The continuation is the model's own greedy output, from mlx-lm's decoding of the base
+    (what every lossless method must reproduce; cheaper than any tree on a CPU).
+    Returns (N, G) int ranks.
     """
+    from mlx_lm.generate import generate_step
     from tqdm import tqdm
-
-    from .generate import ss_generate_step
 
     rows = []
     for ids in tqdm(prompts, desc="acceptance", unit="prompt", disable=not progress,
                     file=sys.stderr):
-        out = [st.token for st in ss_generate_step(mx.array(list(ids)), model,
-                                                   max_tokens=max_tokens)]
+        out = []
+        for t, _ in generate_step(mx.array(list(ids)), model.base, max_tokens=max_tokens):
+            out.append(t)
+            if eos and t in eos:  # what follows EOS is never generated in practice
+                break
         rows.append(stream_ranks(model, list(ids) + out, len(ids) - 1))
     return np.concatenate(rows) if rows else np.zeros((0, model.num_streams), dtype=np.int32)
 
@@ -531,7 +535,8 @@ def main(argv: list[str] | None = None) -> None:
 
     curve = measure_verify_cost(model, max_t=args.max_t, context=args.context,
                                 repeats=args.repeats, progress=progress)
-    ranks = measure_ranks(model, prompts, max_tokens=args.max_tokens, progress=progress)
+    ranks = measure_ranks(model, prompts, max_tokens=args.max_tokens,
+                          eos=set(tokenizer.eos_token_ids), progress=progress)
     if ranks.shape[0] == 0:
         sys.exit("ss-mlx tune: error: the prompts produced no positions to measure; "
                  "raise --max-tokens or give more prompts")

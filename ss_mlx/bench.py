@@ -911,7 +911,7 @@ def main(argv: list[str] | None = None) -> None:
         from .tune import load_tuned, tuned_path
 
         tuned = load_tuned(model_dir)
-        if tuned is not None:
+        if tuned is not None and tuned.get("verify_cost"):
             verify_cost = dict(tuned["verify_cost"], source=str(tuned_path(model_dir)))
 
     runs = run_benchmark(methods, prompts, max_tokens=args.max_tokens, eos=eos,

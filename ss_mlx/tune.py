@@ -102,14 +102,20 @@ def load_tuned(model_dir: str | Path, home: str | Path | None = None) -> dict[st
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return record if record.get("schema") == SCHEMA else None
+    return record if isinstance(record, dict) and record.get("schema") == SCHEMA else None
 
 
 def load_tuned_tree(model_dir: str | Path, home: str | Path | None = None) -> dict | None:
     """The tuned tree for this model on this machine, as a dict for ``TreeSpec.from_dict``
     (``{"widths", "node_budget", "rank_probs"}``), or None when it was never tuned here."""
     record = load_tuned(model_dir, home)
-    return None if record is None else record["tree"]
+    if record is None:
+        return None
+    try:
+        TreeSpec.from_dict(record.get("tree"))
+    except (ValueError, TypeError, IndexError):
+        return None  # a damaged cache file must not break generation
+    return record["tree"]
 
 
 def save_tuned(model_dir: str | Path, record: dict[str, Any],

@@ -161,7 +161,8 @@ def test_eos_stops_every_method(loaded):
         assert run.tokens == ref.tokens[:stop], m.name
 
 
-def test_cli_report_files(ss_dir, tmp_path, capsys):
+def test_cli_report_files(ss_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SS_MLX_HOME", str(tmp_path / "home"))  # no tuned tree from the user
     prompts = write_prompts(tmp_path / "p.jsonl")
     out_json, out_png, out_md = tmp_path / "r.json", tmp_path / "r.png", tmp_path / "r.md"
     bench.main([
@@ -205,7 +206,8 @@ def test_cli_report_files(ss_dir, tmp_path, capsys):
     assert report["verify_cost"]["T"] == [1, 2, 3]
 
 
-def test_cli_skips_what_the_model_lacks(tmp_path, capsys):
+def test_cli_skips_what_the_model_lacks(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SS_MLX_HOME", str(tmp_path / "home"))
     d = tmp_path / "plain"
     save_tiny_model_dir(tiny_base("qwen3"), d)
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:1])
@@ -216,6 +218,24 @@ def test_cli_skips_what_the_model_lacks(tmp_path, capsys):
     assert "`ss` skipped" in out and "`medusa` skipped" in out
     report = json.loads((tmp_path / "r.json").read_text())
     assert [m["name"] for m in report["methods"]] == ["ar", "lookup[7x1]"]
+
+
+def test_cli_adds_the_tuned_tree(ss_dir, tmp_path, capsys, monkeypatch):
+    from ss_mlx import tune
+
+    monkeypatch.setenv("SS_MLX_HOME", str(tmp_path / "home"))
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:1])
+    args = ["--model", str(ss_dir), "--dataset", str(prompts), "--max-tokens", "6",
+            "--repeats", "1", "--warmup", "0", "--methods", "ss", "--no-progress"]
+    record = {"schema": tune.SCHEMA, "machine": {"key": tune.machine_key()},
+              "tree": {"widths": [2], "node_budget": 1, "rank_probs": [[0.2, 0.5]]}}
+    tune.save_tuned(ss_dir, record)
+    bench.main(args)
+    assert "| ss[tuned 2:1] | ok |" in capsys.readouterr().out
+    record["tree"] = {"widths": [3, 2, 1]}  # the built-in default for 3 streams
+    tune.save_tuned(ss_dir, record)
+    bench.main(args)
+    assert "same tree as an earlier row" in capsys.readouterr().out
 
 
 def test_cli_errors(tmp_path):

@@ -157,6 +157,10 @@ def test_model_hash_and_storage(tmp_path, monkeypatch):
     assert path.parent == tmp_path / "home" / "tuned" and path.name.startswith(h)
     assert tune.load_tuned_tree(d) == tree
     assert tune.load_tuned_tree(tmp_path / "copy") is None
+    tune.save_tuned(d, dict(record, tree={"widths": [0]}))
+    assert tune.load_tuned_tree(d) is None
+    path.write_text("{not json")
+    assert tune.load_tuned_tree(d) is None
 
 
 def test_cli_tunes_saves_and_the_tree_generates(tmp_path, monkeypatch, capsys):

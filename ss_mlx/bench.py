@@ -720,8 +720,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model directory (default: the embedded default model)")
     p.add_argument("--dataset", default="chat",
                    help="a data set name (e2e, e2e-dev, dialogsum, dialogsum-dev, wikisql, "
-                   "wikisql-valid, vicuna, wwdc25/chat) or a JSONL file of {\"prompt\": ...} "
-                   "(default: %(default)s)")
+                   "wikisql-valid, vicuna (alias chat), wwdc25) or a JSONL file of "
+                   "{\"prompt\": ...} rows (default: %(default)s)")
     p.add_argument("--data-root", help="folder of the data sets (default: $SS_MLX_DATA or "
                    "../shared/data)")
     p.add_argument("--n", type=int, default=30, help="number of prompts (default: %(default)s)")

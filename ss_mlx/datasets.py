@@ -45,9 +45,9 @@ class DatasetSpec:
     description: str = ""
 
 
-E2E_TEMPLATE = (
-    "Write a one-sentence description of a restaurant that states exactly these facts: {mr}"
-)
+# The wording the default model's streams were trained with (examples/default_model/prompts.py),
+# so its E2E numbers are measured on the prompt distribution it saw, with held-out MRs.
+E2E_TEMPLATE = "Write a short restaurant description from these facts: {mr}"
 DIALOGSUM_TEMPLATE = "Summarize the following dialogue in a few sentences.\n\n{dialogue}"
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -86,7 +86,8 @@ DATASETS: dict[str, DatasetSpec] = {
         description="wwdc25 valid prompts not in wwdc25 train (held-out chat Q&A)",
     ),
 }
-ALIASES = {"chat": "wwdc25"}
+# Vicuna-bench is never used for training the default model: the held-out chat set.
+ALIASES = {"chat": "vicuna"}
 
 
 @dataclass

@@ -286,10 +286,10 @@ def test_loaders_parse_each_format(data_root):
     assert ds.prompts[0].endswith("#Person1#: Hi.\n#Person2#: Hello.")
     sql = load_prompts("wikisql", root=data_root)
     assert sql.prompts == ["table: t\ncolumns: a, b\nQ: what is a?\nA: "] and not sql.chat
-    assert load_prompts("vicuna", root=data_root).prompts == ["How?"]
-    chat = load_prompts("chat", root=data_root)  # wwdc25 valid minus train prompts, deduped
-    assert chat.name == "wwdc25" and chat.prompts == ["Q1?", "Q3?"]
-    assert chat.to_dict()["excluded_from"]
+    chat = load_prompts("chat", root=data_root)
+    assert chat.name == "vicuna" and chat.prompts == ["How?"]
+    wwdc = load_prompts("wwdc25", root=data_root)  # valid minus train prompts, deduped
+    assert wwdc.prompts == ["Q1?", "Q3?"] and wwdc.to_dict()["excluded_from"]
 
 
 def test_loader_options_and_errors(data_root, tmp_path, monkeypatch):

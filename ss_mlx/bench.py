@@ -794,6 +794,7 @@ def build_methods(args: argparse.Namespace, model_dir: Path, ss_model: Any, base
     """The methods the arguments ask for, and the ones skipped with the reason."""
     from .lookup import LookupConfig
     from .medusa import load_medusa
+    from .tree import default_tree
     from .tune import load_tuned
 
     methods, skipped = [], []
@@ -804,8 +805,10 @@ def build_methods(args: argparse.Namespace, model_dir: Path, ss_model: Any, base
             if ss_model is None:
                 skipped.append({"name": "ss", "reason": f"{model_dir} has no speculative streams"})
                 continue
-            # "default" is the model's own tree (its config's, else the built-in default).
-            trees: list[Any] = [None if t == "default" else t for t in args.tree or ["default"]]
+            # "default" is the model's own tree (its config's, else the built-in default), not
+            # the tuned one that generation would pick: the tuned tree gets its own row.
+            own = ss_model.cfg.tree or default_tree(ss_model.num_streams)
+            trees: list[Any] = [own if t == "default" else t for t in args.tree or ["default"]]
             names: list[str | None] = [None] * len(trees)
             if not args.tree:
                 tuned = load_tuned(model_dir)

@@ -68,7 +68,12 @@ class GenerationResponse:
 
 
 def resolve_tree(model: SSModel, tree: TreeSpec | str | dict | None) -> TreeSpec:
-    """The draft tree to use: the argument, else the model config's, else a default."""
+    """The draft tree to use: the argument, else one `ss-mlx tune` saved for this model on this
+    machine, else the model config's, else a default."""
+    if tree is None and model.path is not None:
+        from .tune import load_tuned_tree
+
+        tree = load_tuned_tree(model.path)
     if tree is None:
         tree = model.cfg.tree
     if tree is None:
@@ -181,9 +186,10 @@ def ss_generate_step(
         for step in range(max_tokens):
             start = cache[0].offset
             tokens = mx.concatenate([root, draft_tokens])  # (T,)
-            main_logits, stream_h = model.tree_forward(
-                tokens, start + step_tree.depths, step_tree.ancestor_mask, cache
+            out = model.tree_step(
+                tokens, start + step_tree.depths, step_tree.ancestor_mask, cache, spec.depth
             )
+            main_logits = out.main_logits
             if logits_processors:
                 main_logits = _process_per_node(
                     logits_processors, history, step_tree, draft_host, main_logits
@@ -193,7 +199,7 @@ def ss_generate_step(
             )
             if drafter is None:
                 next_draft, next_state = draft(
-                    rule, spec, model.head(stream_h[verdict.best, : spec.depth]), sampler
+                    rule, spec, model.stream_logits_at(out, verdict.best), sampler
                 )
             path_tokens = tokens[verdict.path]
             mx.eval(

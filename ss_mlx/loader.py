@@ -133,7 +133,9 @@ def load(
     except Exception as e:
         raise ValueError(f"cannot read {streams_file}: {e}") from None
     base, tokenizer = mlx_lm.load(str(model_path), tokenizer_config=tokenizer_config)
-    return attach_streams(base, cfg, tensors, str(streams_file)), tokenizer
+    model = attach_streams(base, cfg, tensors, str(streams_file))
+    model.path = model_path  # lets generation find a tree tuned for this model and machine
+    return model, tokenizer
 
 
 def write_streams(model_dir: Path, cfg: SSConfig, tensors: dict[str, mx.array]) -> None:

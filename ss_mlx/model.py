@@ -1,6 +1,6 @@
 """SSModel: an mlx-lm model plus speculative streams in its top layers."""
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,6 +39,20 @@ def plain_tree_forward(
     return _head(base, h[0]), h[0]
 
 
+# One fused head call (main rows + every node's stream rows) beats two weight reads of the LM head
+# while the extra rows are few; above this many rows the matmul costs more than the read saved.
+FUSED_HEAD_MAX_ROWS = 24
+
+
+class TreeOutput(NamedTuple):
+    """One tree pass: main logits (T, V) and the streams' draft source for any node, either
+    their logits (T, depth, V) when the head was fused, or their hidden states (T, depth, D)."""
+
+    main_logits: mx.array
+    streams: mx.array
+    fused: bool
+
+
 class SSModel(nn.Module):
     """Wraps a loaded mlx-lm model (`base`) without modifying it.
 
@@ -55,6 +69,7 @@ class SSModel(nn.Module):
         self.num_layers = len(base.layers)
         self.first_stream_layer = self.num_layers - cfg.stream_layers
         self.model_type = base.model_type
+        self.path = None  # the model directory, when loaded from one
         self._offsets = mx.array(cfg.stream_position_offsets())  # (G,)
 
     @property
@@ -122,6 +137,29 @@ class SSModel(nn.Module):
         main, streams = self._forward(tokens, positions, ancestor_mask, cache)
         T = tokens.shape[0]
         return self.head(main[0]), streams[0].reshape(T, self.num_streams, -1)
+
+    def tree_step(
+        self,
+        tokens: mx.array,
+        positions: mx.array,
+        ancestor_mask: mx.array,
+        cache: list[Any],
+        depth: int,
+    ) -> TreeOutput:
+        """`tree_forward` for the decoding loop: only the first `depth` streams are kept, and
+        for small trees their LM head is fused with the main rows' (one read of the head)."""
+        main, streams = self._forward(tokens, positions, ancestor_mask, cache)
+        T = tokens.shape[0]
+        streams = streams[0].reshape(T, self.num_streams, -1)[:, :depth]  # (T, depth, D)
+        if depth > 0 and T * (1 + depth) <= FUSED_HEAD_MAX_ROWS:
+            rows = mx.concatenate([main[0], streams.reshape(T * depth, -1)], axis=0)
+            logits = self.head(rows)
+            return TreeOutput(logits[:T], logits[T:].reshape(T, depth, -1), True)
+        return TreeOutput(self.head(main[0]), streams, False)
+
+    def stream_logits_at(self, out: TreeOutput, node: mx.array) -> mx.array:
+        """The draft logits (depth, V) of the streams of one node of a tree pass."""
+        return out.streams[node] if out.fused else self.head(out.streams[node])
 
     def full_forward(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
         """Every position with its streams, no cache (the training-time computation).

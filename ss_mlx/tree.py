@@ -201,6 +201,7 @@ def root_only() -> TreeSpec:
 
 
 def default_tree(num_streams: int) -> TreeSpec:
-    """A modest tree for models without a tuned one: wide near the root, a chain below."""
-    widths = [3, 2] + [1] * max(0, num_streams - 2)
+    """A small tree for models without a tuned one (CPUs and M1/M2 verify ~8 rows cheaply):
+    two candidates at each depth, one branch each."""
+    widths = [2] + [1] * max(0, num_streams - 1)
     return TreeSpec.from_widths(widths[:num_streams])

@@ -232,7 +232,7 @@ def test_cli_adds_the_tuned_tree(ss_dir, tmp_path, capsys, monkeypatch):
     tune.save_tuned(ss_dir, record)
     bench.main(args)
     assert "| ss[tuned 2:1] | ok |" in capsys.readouterr().out
-    record["tree"] = {"widths": [3, 2, 1]}  # the built-in default for 3 streams
+    record["tree"] = {"widths": [2, 1, 1]}  # the built-in default for 3 streams
     tune.save_tuned(ss_dir, record)
     bench.main(args)
     assert "same tree as an earlier row" in capsys.readouterr().out

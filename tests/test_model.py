@@ -144,3 +144,26 @@ def test_plain_tree_forward_matches_ss_main_rows():
         m.base(TOKENS, cache=cache)
         outs.append(np.array(fn(cache)))
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("tree", ["1,1", "3,3,2"])  # fused head, and separate head calls
+def test_tree_step_stream_logits_match_tree_forward(tree):
+    m = tiny_ss_model("llama", adapter_rank=4)
+    spec = TreeSpec.parse(tree)
+    tokens = mx.arange(spec.num_nodes) + 5
+    outs = []
+    for fn in ("tree_forward", "tree_step"):
+        cache = make_cache(m.base)
+        m.base(TOKENS, cache=cache)
+        args = (tokens, 10 + spec.depths, spec.ancestor_mask, cache)
+        if fn == "tree_forward":
+            logits, sh = m.tree_forward(*args)
+            outs.append((logits, m.head(sh[:, : spec.depth])))
+        else:
+            out = m.tree_step(*args, spec.depth)
+            assert out.fused == (tree == "1,1")
+            per_node = mx.stack([m.stream_logits_at(out, mx.array(i))
+                                 for i in range(spec.num_nodes)])
+            outs.append((out.main_logits, per_node))
+    for a, b in zip(outs[0], outs[1], strict=True):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)

@@ -60,7 +60,7 @@ def test_root_only_and_default():
     r = root_only()
     assert r.num_nodes == 1 and r.depth == 0
     assert default_tree(1).depth == 1
-    assert default_tree(4).widths == (3, 2, 1, 1)
+    assert default_tree(4).widths == (2, 1, 1, 1) and default_tree(4).num_nodes == 9
 
 
 @pytest.mark.parametrize(

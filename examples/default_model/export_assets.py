@@ -1,6 +1,7 @@
+# ruff: noqa: I001
 """Copy a converted model's stream parameters into the package (fp16) as the default streams.
 
-    python examples/default_model/export_assets.py --model RUN-mlx --out ss_mlx/assets [--tree 3,2,1]
+    python examples/default_model/export_assets.py --model RUN-mlx --out ss_mlx/assets
 """
 
 import argparse
@@ -9,7 +10,6 @@ from pathlib import Path
 
 import ss_mlx  # noqa: F401  (OpenBLAS before mlx.core)
 import mlx.core as mx
-
 from ss_mlx.config import CONFIG_KEY, STREAMS_FILE
 from ss_mlx.default_model import STREAMS_ASSET, STREAMS_CONFIG_ASSET
 from ss_mlx.tree import TreeSpec

@@ -125,7 +125,11 @@ def data_root(root: str | Path | None = None) -> Path:
     return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
-def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; DatasetError for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file")
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -135,7 +139,9 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise DatasetError(f"{path}:{lineno}: expected a JSON object")
+                raise DatasetError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
+                )
             yield lineno, row
 
 
@@ -158,7 +164,7 @@ def _read_csv_mr(path: Path) -> Iterator[dict[str, str]]:
 
 
 def _read_wikisql(path: Path) -> Iterator[dict[str, str]]:
-    for lineno, row in _jsonl(path):
+    for lineno, row in read_jsonl(path):
         text = _string(path, lineno, row, "text")
         cut = text.rfind("A: ")
         if cut < 0:
@@ -167,7 +173,7 @@ def _read_wikisql(path: Path) -> Iterator[dict[str, str]]:
 
 
 def _read_turn0(path: Path) -> Iterator[dict[str, str]]:
-    for lineno, row in _jsonl(path):
+    for lineno, row in read_jsonl(path):
         turns = row.get("turns")
         if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
             raise DatasetError(f"{path}:{lineno}: needs 'turns', a list of strings")
@@ -176,7 +182,7 @@ def _read_turn0(path: Path) -> Iterator[dict[str, str]]:
 
 def _read_field(key: str) -> Callable[[Path], Iterator[dict[str, str]]]:
     def read(path: Path) -> Iterator[dict[str, str]]:
-        for lineno, row in _jsonl(path):
+        for lineno, row in read_jsonl(path):
             yield {key: _string(path, lineno, row, key)}
 
     return read

@@ -249,10 +249,11 @@ def _process_per_node(
 
     history ends with the root token; node i adds the draft tokens on its path. logits: (T, V).
     """
+    index = {p: i for i, p in enumerate(tree.paths)}
     rows = []
     for i, path in enumerate(tree.paths):
-        index = [tree.paths.index(path[:d]) for d in range(1, len(path) + 1)]
-        toks = mx.array(history + [draft_host[j - 1] for j in index], dtype=mx.int32)
+        on_path = [index[path[:d]] for d in range(1, len(path) + 1)]  # node i's draft ancestors
+        toks = mx.array(history + [draft_host[j - 1] for j in on_path], dtype=mx.int32)
         row = logits[i : i + 1]
         for proc in processors:
             row = proc(toks, row)
@@ -337,7 +338,7 @@ def stream_generate(
     tic = time.perf_counter()
     prompt_tps = 0.0
     passes = 0
-    token, finish = None, "length"
+    finish = "length"
     n = 0
 
     def response(text: str, st: StepToken, count: int, reason: str | None) -> GenerationResponse:
@@ -367,11 +368,10 @@ def stream_generate(
                 prompt_tps = ids.size / (time.perf_counter() - tic)
                 tic = time.perf_counter()
             passes = st.step + 1
-            token = st.token
-            if token in eos:
+            if st.token in eos:
                 finish = "stop"
                 break
-            detokenizer.add_token(token)
+            detokenizer.add_token(st.token)
             if n + 1 == max_tokens:
                 break
             yield response(detokenizer.last_segment, st, n + 1, None)

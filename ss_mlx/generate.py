@@ -48,7 +48,9 @@ class GenerationResponse:
         peak_memory: peak memory so far in GB.
         finish_reason: "stop" (EOS), "length" (max_tokens) or None.
         accept_rule: the rule that accepted the token: "greedy", "simple", "rrs" (exact) or
-            "typical" (relaxed, not exact).
+            "typical", "coarse" (relaxed, not exact).
+        logprobs: always None: per-token log-probabilities are not computed (mlx-lm's field is
+            kept so code written for mlx-lm responses runs unchanged).
     """
 
     text: str

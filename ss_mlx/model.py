@@ -70,7 +70,9 @@ class SSModel(nn.Module):
         self.first_stream_layer = self.num_layers - cfg.stream_layers
         self.model_type = base.model_type
         self.path = None  # the model directory, when loaded from one
-        self._offsets = mx.array(cfg.stream_position_offsets())  # (G,)
+        # A plain list, not an mx.array attribute: arrays on a Module are parameters, and a
+        # dtype cast of the parameters would turn these integer positions into floats.
+        self._offsets = cfg.stream_position_offsets()
 
     @property
     def inner(self) -> nn.Module:
@@ -113,7 +115,8 @@ class SSModel(nn.Module):
         P = self.streams.stream_embeddings.astype(h.dtype)  # (G, D)
         s = (h[0, :, None, :] + P[None]).reshape(1, T * G, -1)  # (1, T*G, D)
         x = mx.concatenate([h, s], axis=1)  # (1, T + T*G, D)
-        stream_pos = (positions[:, None] + self._offsets[None]).reshape(-1)  # (T*G,)
+        offsets = mx.array(self._offsets, dtype=positions.dtype)  # (G,)
+        stream_pos = (positions[:, None] + offsets[None]).reshape(-1)  # (T*G,)
         all_pos = mx.concatenate([positions, stream_pos])
         mask = with_context(stream_mask(main_mask, G), context)
         for i in range(self.first_stream_layer, self.num_layers):

@@ -167,3 +167,15 @@ def test_tree_step_stream_logits_match_tree_forward(tree):
             outs.append((out.main_logits, per_node))
     for a, b in zip(outs[0], outs[1], strict=True):
         np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
+
+
+def test_dtype_cast_keeps_integer_stream_positions():
+    """Casting every parameter (as half-precision conversion does) must not touch positions."""
+    from conftest import cast_model
+    from mlx.utils import tree_flatten
+
+    m = tiny_ss_model("llama")
+    assert all(v.dtype != mx.int32 for _, v in tree_flatten(m.parameters()))
+    cast_model(m, mx.float16)
+    main, _ = m.full_forward(TOKENS)
+    assert main.dtype == mx.float16

@@ -61,14 +61,14 @@ def _fail(what: str, names: list[str]) -> ConversionError:
 # ---------------------------------------------------------------- destination handling
 
 
-def _check_destination(out: Path, force: bool) -> None:
+def check_destination(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConversionError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ConversionError(f"--out {out} exists and is not empty (use --force to replace it)")
 
 
-def _commit(tmp: Path, out: Path) -> None:
+def commit_dir(tmp: Path, out: Path) -> None:
     """Move the finished temp dir into place; the old --out (if any) goes only after that."""
     old = None
     if out.exists():
@@ -115,7 +115,7 @@ def mlx_lm_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def _source_shapes(base: TensorStore, merger: LoraMerger | None) -> dict[str, tuple[int, ...]]:
+def source_shapes(base: TensorStore, merger: LoraMerger | None) -> dict[str, tuple[int, ...]]:
     shapes = {n: base.shape(n) for n in base}
     if merger is not None:
         for name, src in merger.replace.items():
@@ -123,7 +123,7 @@ def _source_shapes(base: TensorStore, merger: LoraMerger | None) -> dict[str, tu
     return shapes
 
 
-def _read(base: TensorStore, merger: LoraMerger | None, name: str) -> np.ndarray:
+def read_merged(base: TensorStore, merger: LoraMerger | None, name: str) -> np.ndarray:
     merged = merger.apply(name, lambda: base.get(name)) if merger is not None else None
     return merged if merged is not None else base.get(name)
 
@@ -164,15 +164,15 @@ def build_trunk(
     """The mlx-lm model with the (LoRA-merged) source weights, cast to `dtype`."""
     shapes = {n: base.shape(n) for n in base}
     merger = plan_lora_merge(adapter[0], adapter[1], shapes) if adapter else None
-    shapes = _source_shapes(base, merger)
+    shapes = source_shapes(base, merger)
 
     model_cls, args_cls = _get_classes(config)
     model = model_cls(args_cls.from_dict(config))
     tied = bool(getattr(getattr(model, "args", None), "tie_word_embeddings", False))
     for name in _check_trunk_names(model, shapes, tied):
         # A tied checkpoint may still store lm_head: dropping it is exact only if it equals embed
-        embed = _read(base, merger, "model.embed_tokens.weight")
-        if not np.array_equal(_read(base, merger, name), embed):
+        embed = read_merged(base, merger, "model.embed_tokens.weight")
+        if not np.array_equal(read_merged(base, merger, name), embed):
             raise _fail(
                 "config ties the embeddings but the checkpoint's head differs",
                 [f"{name} != model.embed_tokens.weight"],
@@ -182,7 +182,7 @@ def build_trunk(
     cast = getattr(model, "cast_predicate", lambda _: True)
     weights: dict[str, mx.array] = {}
     for name in base.names() + sorted(set(shapes) - set(base.names())):
-        w = mx.array(_read(base, merger, name))
+        w = mx.array(read_merged(base, merger, name))
         if mx.issubdtype(w.dtype, mx.floating) and cast(name):
             w = w.astype(target_dtype)
         mx.eval(w)  # materialise now so the numpy/fp32 copy can be freed
@@ -379,7 +379,7 @@ def convert(
         raise ConversionError(f"{src} is not a Hugging Face model dir (no config.json)")
     if src.resolve() == out.resolve():
         raise ConversionError("--out must differ from --torch")
-    _check_destination(out, force)
+    check_destination(out, force)
     opts = dict(dtype=dtype, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -387,7 +387,7 @@ def convert(
         write_model_dir(src, tmp, **opts)
         if check:
             _parity_gate(src, tmp, exact=(dtype in (None, "float32") and not quantize), opts=opts)
-        _commit(tmp, out)
+        commit_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

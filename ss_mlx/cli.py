@@ -15,9 +15,11 @@ COMMANDS = {
     "import-gguf": ("ss_mlx.gguf_import", None),
     "bench": ("ss_mlx.bench", None),
     "tune": ("ss_mlx.tune", None),
+    "compare": ("ss_mlx.compare", None),
     "train": ("ss_mlx_convert.train", "ss-mlx[train]"),
     "distill": ("ss_mlx_convert.distill", "ss-mlx[train]"),
     "convert": ("ss_mlx_convert.export", "ss-mlx[train]"),
+    "export-hf": ("ss_mlx_convert.export_hf", "ss-mlx[train]"),
 }
 
 USAGE = "usage: ss-mlx {" + ",".join(COMMANDS) + "} [-h] ..."

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_DATA = "SS_MLX_DATA"
+WIKISQL_ANSWER = "\nA: "
 
 
 class DatasetError(ValueError):
@@ -163,13 +164,23 @@ def _read_csv_mr(path: Path) -> Iterator[dict[str, str]]:
             yield {"mr": row["mr"].strip()}
 
 
+def split_wikisql(text: str) -> tuple[str, str] | None:
+    """(prompt up to and including the answer line's 'A: ', answer) of a WikiSQL row's text,
+    or None when it has no answer line. The first answer line counts: the SQL itself may
+    contain 'A: ' inside a quoted value."""
+    cut = text.find(WIKISQL_ANSWER)
+    if cut < 0:
+        return None
+    cut += len(WIKISQL_ANSWER)
+    return text[:cut], text[cut:]
+
+
 def _read_wikisql(path: Path) -> Iterator[dict[str, str]]:
     for lineno, row in read_jsonl(path):
-        text = _string(path, lineno, row, "text")
-        cut = text.rfind("A: ")
-        if cut < 0:
-            raise DatasetError(f"{path}:{lineno}: WikiSQL 'text' has no 'A: ' answer marker")
-        yield {"prompt": text[: cut + len("A: ")]}
+        split = split_wikisql(_string(path, lineno, row, "text"))
+        if split is None:
+            raise DatasetError(f"{path}:{lineno}: WikiSQL 'text' has no 'A: ' answer line")
+        yield {"prompt": split[0]}
 
 
 def _read_turn0(path: Path) -> Iterator[dict[str, str]]:

@@ -264,13 +264,10 @@ def plot_reports(reports: list[dict[str, Any]], path: str | Path) -> None:
                label="speedup vs baseline AR")
         ax.bar([x + 0.2 for x in xs], [r.get("tokens_per_pass") or 0 for r in rows], 0.4,
                label="tokens / target pass")
-        for x, r in zip(xs, rows, strict=True):
-            ax.annotate(_q(r), (x, 0), xytext=(0, 3), textcoords="offset points",
-                        ha="center", fontsize=7, rotation=90, color="white")
         ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_xticks(list(xs), [r["name"] for r in rows])
+        ax.set_xticks(list(xs), [f"{r['name']}\n{_q(r)}" for r in rows], fontsize=8)
         metric = "/".join(rep["methods"][0]["quality"])
-        ax.set_title(f"{rep['task']['name']} (bar text: {metric})", fontsize=9)
+        ax.set_title(f"{rep['task']['name']} (under each method: {metric})", fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_savefig(fig, path)

@@ -28,6 +28,9 @@ from paper_recipe import DRAFT_LAYERS, DRAFT_STEPS, PLANS, STREAMS  # noqa: E402
 
 # Evaluation size per task on a 2-core CPU (all five methods, one process): ~10 min each.
 EVAL = {"e2e": {"n": 30, "max_tokens": 96}, "wikisql": {"n": 40, "max_tokens": 64}}
+# Every drafter gets the same budget: a chain of gamma = 4 tokens (the paper's Table 2 setting,
+# k = 1), so the three methods verify the same number of rows per pass.
+CHAIN = ",".join(["1"] * STREAMS)
 
 PAPER = """Paper (arXiv 2402.11131 v1, Tables 1-2; A100, fp16, OPT-1.3b target, gamma = 4):
 
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="output folder")
     p.add_argument("--n", type=int, default=None, help="override the prompts per task")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--tree", default=CHAIN, help="SS and Medusa tree as widths (default: a "
+                   "chain of gamma); the draft model drafts a chain of the same depth")
     args = p.parse_args(argv)
     out = args.out or RESULTS / machine_slug()
     reports = []
@@ -87,13 +92,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"## {task}", file=sys.stderr, flush=True)
         rep = compare.compare_task(task, task_models(args.work, task),
                                    n=args.n or ev["n"], max_tokens=ev["max_tokens"],
-                                   repeats=args.repeats)
+                                   tree=args.tree, medusa_tree=args.tree,
+                                   num_draft=len(args.tree.split(",")), repeats=args.repeats)
         print(compare.format_task(rep), flush=True)
         reports.append(rep)
     cmd = "python benchmarks/paper_table.py " + " ".join(argv if argv is not None else
                                                          sys.argv[1:])
     md = [f"Command: `{cmd}`", "", f"Machine: {summary_line(reports[0]['machine'])}", "",
-          "Greedy decoding, one process per task, methods interleaved prompt by prompt "
+          f"Greedy decoding, SS and Medusa tree `{args.tree}`, draft chain of "
+          f"{len(args.tree.split(','))}; one process per task, methods interleaved per prompt "
           f"({args.repeats} measured run(s) each after a warm-up). Speedup and CR ratio are "
           "against the LoRA baseline's AR decoding; `ss:ar` is AR decoding of the SS model "
           "itself (its lossless reference; shared-mode training changes the model).", ""]

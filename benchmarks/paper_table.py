@@ -53,8 +53,10 @@ def task_models(work: Path, task: str) -> compare.TaskModels:
     if missing:
         sys.exit(f"paper_table: not trained yet: {', '.join(missing)} "
                  "(run benchmarks/paper_recipe.py first)")
-    opt = {k: t / k if (t / k / ".done").exists() else None for k in ("medusa", "draft")}
-    return compare.TaskModels(need["baseline"], need["ss"], opt["medusa"], opt["draft"])
+    opt = {k: t / k if (t / k / ".done").exists() else None
+           for k in ("medusa", "draft", "ss_lossless")}
+    return compare.TaskModels(need["baseline"], need["ss"], opt["medusa"], opt["draft"],
+                              opt["ss_lossless"])
 
 
 def recipe_text(work: Path) -> str:

@@ -60,6 +60,7 @@ class TaskModels:
     ss: Path
     medusa: Path | None = None
     draft: Path | None = None
+    ss_lossless: Path | None = None  # SS streams trained on the frozen baseline
 
 
 def _param_count(module: nn.Module) -> int:
@@ -91,6 +92,12 @@ def build_methods(
         SS_REFERENCE: {"model": str(models.ss), "reference": SS_REFERENCE, "extra_params": 0},
         "ss": {"model": str(models.ss), "reference": SS_REFERENCE, "extra_params": n_streams},
     }
+    if models.ss_lossless is not None:
+        lossless, _ = load(models.ss_lossless)
+        methods.append(ss_method(lossless, tree, name="ss-lossless"))
+        info["ss-lossless"] = {
+            "model": str(models.ss_lossless), "reference": BASELINE,
+            "extra_params": sum(v.size for v in lossless.streams.tensors().values())}
     if models.medusa is not None:
         medusa_base, _ = mlx_lm.load(str(models.medusa))
         heads = load_medusa(models.medusa, medusa_base)
@@ -230,12 +237,12 @@ def format_task(report: dict[str, Any]) -> str:
             f"{_f(r, 'tokens_per_pass', '.2f')} | {_f(r, 'cr_ratio', '.2f')} | {_q(r)} | "
             f"{r['extra_params']:.3g} | {_f(r, 'decode_tps', '.2f')} |"
         )
-    pair = [r for r in report["methods"] if r["name"] in ("draft", "ss")]
-    if len(pair) == 2:
+    pair = [r for r in report["methods"] if r["name"] in ("draft", "ss", "ss-lossless")]
+    if any(r["name"] == "draft" for r in pair) and len(pair) > 1:
         lines += ["", "| method | target calls / sample | draft calls / sample | "
                   "latency ms / sample | " + metric + " |", "|---|---:|---:|---:|---:|"]
         for r in pair:
-            label = "two-model SD" if r["name"] == "draft" else "SS"
+            label = "two-model SD" if r["name"] == "draft" else r["name"]
             lines.append(f"| {label} | {_f(r, 'target_calls', '.2f')} | "
                          f"{_f(r, 'draft_calls', '.2f')} | {_f(r, 'latency_ms', '.0f')} | "
                          f"{_q(r)} |")
@@ -288,6 +295,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--ss", required=True, type=Path, help="Speculative Streaming model dir")
     p.add_argument("--medusa", type=Path, help="model dir with Medusa heads on the baseline")
     p.add_argument("--draft", type=Path, help="draft model dir for the baseline")
+    p.add_argument("--ss-lossless", type=Path,
+                   help="SS model dir whose trunk is the baseline (lossless-mode streams)")
     p.add_argument("--n", type=int, default=None, help="first N evaluation prompts (default all)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--tree", default=None, help="SS draft tree (default: the model's)")
@@ -307,11 +316,12 @@ def main(argv: list[str] | None = None) -> None:
     args = setup_arg_parser().parse_args(argv)
     from .datasets import DatasetError
 
-    for name in ("baseline", "ss", "medusa", "draft"):
+    for name in ("baseline", "ss", "medusa", "draft", "ss_lossless"):
         d = getattr(args, name)
         if d is not None and not (d / "config.json").is_file():
-            sys.exit(f"ss-mlx compare: error: --{name} {d} is not a model directory")
-    models = TaskModels(args.baseline, args.ss, args.medusa, args.draft)
+            flag = name.replace("_", "-")
+            sys.exit(f"ss-mlx compare: error: --{flag} {d} is not a model directory")
+    models = TaskModels(args.baseline, args.ss, args.medusa, args.draft, args.ss_lossless)
     try:
         report = compare_task(
             args.task, models, n=args.n, max_tokens=args.max_tokens, tree=args.tree,

@@ -92,14 +92,17 @@ def task_models(tmp_path_factory):
     shutil.copytree(root / "baseline", root / "medusa")
     write_medusa(root / "medusa")
     save_tiny_model_dir(tiny_base("llama", seed=2, num_hidden_layers=1), root / "draft")
-    return compare.TaskModels(root / "baseline", ss, root / "medusa", root / "draft")
+    lossless = init_model(root / "baseline", root / "ss_lossless", streams=2, stream_layers=1,
+                          adapter_rank=2, adapter_modules=("self_attn.q_proj",),
+                          adapter_init_scale=0.1)
+    return compare.TaskModels(root / "baseline", ss, root / "medusa", root / "draft", lossless)
 
 
 def test_compare_task_checks_each_method_against_its_own_reference(task_models, data_root):
     rep = compare.compare_task("e2e", task_models, max_tokens=10, root=data_root, warmup=0,
                                progress=False)
     rows = {r["name"]: r for r in rep["methods"]}
-    assert list(rows) == ["ar", "ss:ar", "ss", "medusa", "draft"]
+    assert list(rows) == ["ar", "ss:ar", "ss", "ss-lossless", "medusa", "draft"]
     assert all(r["status"] == "ok" for r in rows.values()), {k: r["parity"] for k, r in
                                                              rows.items()}
     assert rows["ss"]["reference"] == "ss:ar" and rows["medusa"]["reference"] == "ar"
@@ -107,6 +110,10 @@ def test_compare_task_checks_each_method_against_its_own_reference(task_models, 
     assert rows["ss"]["outputs"] == rows["ss:ar"]["outputs"]
     assert rows["ss"]["outputs"] != rows["ar"]["outputs"]
     assert rows["medusa"]["outputs"] == rows["draft"]["outputs"] == rows["ar"]["outputs"]
+    # Streams on the baseline's own trunk: checked against (and equal to) the baseline.
+    assert rows["ss-lossless"]["reference"] == "ar"
+    assert rows["ss-lossless"]["outputs"] == rows["ar"]["outputs"]
+    assert rows["ss-lossless"]["extra_params"] == 2 * 64 + 2 * (64 * 2 + 2 * 64)
     assert rows["ar"]["speedup"] == 1.0 and rows["ar"]["cr_ratio"] == 1.0
     assert rows["ar"]["tokens_per_pass"] == 1.0
     for r in rows.values():
@@ -116,7 +123,7 @@ def test_compare_task_checks_each_method_against_its_own_reference(task_models, 
     assert rows["medusa"]["extra_params"] == 3 * (64 * 64 + 64)
     assert rows["draft"]["draft_calls"] > 0 and rows["ss"]["draft_calls"] == 0
     md = compare.format_task(rep)
-    assert "| ss | ok |" in md and "two-model SD" in md
+    assert "| ss | ok |" in md and "two-model SD" in md and "| ss-lossless |" in md
 
 
 def test_compare_flags_a_method_that_is_not_lossless(task_models, data_root, monkeypatch):

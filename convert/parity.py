@@ -38,6 +38,11 @@ DEFAULT_ATOL = 1e-4
 # exactly 1e-4 for small logit scales, ~80 fp32 ulps of the largest logit otherwise. Conversion
 # mistakes (wrong RoPE base, missed LoRA, a perturbed stream embedding) move logits by >= 1e-2.
 DEFAULT_RTOL = 1e-5
+# Some trained checkpoints are ill-conditioned on the gate's random token ids: a shared-mode
+# (LoRA) SmolLM2 fine-tune has PyTorch fp32 itself 2.8e-3 away from fp64 there (6e-5 on text).
+# The bound then also admits NOISE_FACTOR x PyTorch fp32's own error against an fp64 run of the
+# same checkpoint: MLX may be as inexact as fp32 arithmetic is, not more.
+NOISE_FACTOR = 4.0
 
 
 @dataclass
@@ -55,11 +60,14 @@ class ParityReport:
     notes: list[str] = field(default_factory=list)
     rtol: float = 0.0
     logit_scale: float = 0.0  # max |logit| of the PyTorch reference, over all heads
+    fp32_noise: float = 0.0  # max |PyTorch fp32 - PyTorch fp64| over all heads (0: not run)
+    noise_factor: float = 0.0
 
     @property
     def bound(self) -> float:
-        """The effective bound on every max abs diff: max(atol, rtol * logit_scale)."""
-        return max(self.atol, self.rtol * self.logit_scale)
+        """The effective bound on every max abs diff:
+        max(atol, rtol * logit_scale, noise_factor * fp32_noise)."""
+        return max(self.atol, self.rtol * self.logit_scale, self.noise_factor * self.fp32_noise)
 
     @property
     def logits_ok(self) -> bool:
@@ -91,7 +99,8 @@ class ParityReport:
         b = self.bound
         lines = [
             f"parity (fp32 max abs diff, must be < {b:.3g} = max(atol {self.atol:g}, "
-            f"rtol {self.rtol:g} x max|logit| {self.logit_scale:.3g})):"
+            f"rtol {self.rtol:g} x max|logit| {self.logit_scale:.3g}, {self.noise_factor:g} x "
+            f"PyTorch fp32-vs-fp64 {self.fp32_noise:.3g})):"
         ]
         lines.append(f"  main      {self.main_max_abs:.3e}  {mark(self.main_max_abs < b)}")
         for j, d in enumerate(self.stream_max_abs, 1):
@@ -121,8 +130,10 @@ class ParityReport:
 # ---------------------------------------------------------------- the PyTorch side
 
 
-def load_torch_model(torch_dir: Path | str) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    """(causal LM with its LoRA applied unmerged, StreamingLM or None), fp32, eval mode.
+def load_torch_model(
+    torch_dir: Path | str, dtype: torch.dtype = torch.float32
+) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """(causal LM with its LoRA applied unmerged, StreamingLM or None), in `dtype`, eval mode.
 
     Trained checkpoints go through the trainer's own reader (`pretrained.load_trained`), so the
     gate checks the conversion against exactly what training produced; a directory with
@@ -133,12 +144,12 @@ def load_torch_model(torch_dir: Path | str) -> tuple[torch.nn.Module, torch.nn.M
     if CONFIG_KEY in config or MEDUSA_KEY in config:
         from .pretrained import load_trained
 
-        trained = load_trained(torch_dir, dtype=torch.float32)
+        trained = load_trained(torch_dir, dtype=dtype)
         return trained.base, (trained if CONFIG_KEY in config else None)
 
     import transformers
 
-    base = transformers.AutoModelForCausalLM.from_pretrained(torch_dir, dtype=torch.float32)
+    base = transformers.AutoModelForCausalLM.from_pretrained(torch_dir, dtype=dtype)
     has_adapter = (torch_dir / ADAPTER_CONFIG).is_file() and any(
         (torch_dir / f).is_file() for f in ADAPTER_FILES
     )
@@ -201,6 +212,7 @@ def check_parity(
     rtol: float = DEFAULT_RTOL,
     require_greedy: bool = True,
     seed: int = 0,
+    noise_factor: float = NOISE_FACTOR,
 ) -> ParityReport:
     """Compare a PyTorch SS checkpoint with its MLX conversion; see the module docstring.
 
@@ -214,6 +226,8 @@ def check_parity(
         atol, rtol: every fp32 max abs logit difference must be below
             max(atol, rtol * max|reference logit|); see DEFAULT_RTOL for why.
         require_greedy: whether differing greedy tokens fail the report.
+        noise_factor: also admit this multiple of PyTorch fp32's own error against an fp64 run
+            (0 skips the fp64 run).
     """
     torch_dir, mlx_dir = Path(torch_dir), Path(mlx_dir)
     base, ss_torch = load_torch_model(torch_dir)
@@ -253,6 +267,7 @@ def check_parity(
     refs = [t_main] + ([t_streams] if t_streams is not None else [])
     refs += [t_exit] if t_exit is not None else []
     scale = max(float(t.abs().max()) for t in refs)
+    noise = _fp32_noise(torch_dir, ids, refs) if noise_factor > 0 else 0.0
 
     eos = set(tokenizer.eos_token_ids)
     torch_tokens: list[int] = []
@@ -277,7 +292,22 @@ def check_parity(
         notes=notes,
         rtol=rtol,
         logit_scale=scale,
+        fp32_noise=noise,
+        noise_factor=noise_factor,
     )
+
+
+def _fp32_noise(torch_dir: Path, ids: torch.Tensor, refs: list[torch.Tensor]) -> float:
+    """Max |fp32 - fp64| of the PyTorch model's logits (same heads, same order as `refs`)."""
+    base64, ss64 = load_torch_model(torch_dir, dtype=torch.float64)
+    with torch.no_grad():
+        if ss64 is not None:
+            main, streams, exits = ss64(ids)
+            exact = [main] + ([streams] if streams is not None else [])
+            exact += [exits] if exits is not None else []
+        else:
+            exact = [base64(input_ids=ids).logits]
+    return max(float((a.double() - b).abs().max()) for a, b in zip(refs, exact, strict=True))
 
 
 __all__ = [

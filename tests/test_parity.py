@@ -64,6 +64,17 @@ def test_bound_is_atol_unless_logits_are_large():
     assert not r.ok
 
 
+def test_bound_admits_pytorch_own_fp32_error(converted):
+    r = parity.ParityReport(6e-3, [], None, 1e-4, [1], [], [], rtol=1e-5, logit_scale=32.0)
+    assert not r.ok
+    r.fp32_noise, r.noise_factor = 2.8e-3, 4.0  # an ill-conditioned fine-tune on random ids
+    assert r.bound == pytest.approx(1.12e-2) and r.ok and "fp32-vs-fp64" in r.summary()
+    # On the tiny models the fp64 run finds fp32 noise far below atol: the bound stays atol.
+    src, mlx_dir = converted["llama_adapters"]
+    rep = parity.check_parity(src, mlx_dir, greedy_tokens=0)
+    assert 0 < rep.fp32_noise < 1e-5 and rep.bound == 1e-4
+
+
 def test_parity_fails_when_a_stream_embedding_is_perturbed(converted, tmp_path):
     src, mlx_dir = converted["llama_adapters"]
     bad = tmp_path / "bad"

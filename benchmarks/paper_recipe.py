@@ -39,9 +39,9 @@ from ss_mlx.tasks import get_task, train_rows, write_jsonl
 # the training cost on this CPU, so E2E gets 6.
 PLANS = {
     "e2e": {"steps": 120, "batch": 4, "stream_layers": 6, "draft_prompts": 384,
-            "draft_tokens": 64},
-    "wikisql": {"steps": 100, "batch": 4, "stream_layers": 5, "draft_prompts": 384,
-                "draft_tokens": 48},
+            "draft_tokens": 64, "draft_steps": 200},
+    "wikisql": {"steps": 60, "batch": 4, "stream_layers": 5, "draft_prompts": 128,
+                "draft_tokens": 48, "draft_steps": 80},
 }
 COMMON = ["--lr", "5e-4", "--warmup-steps", "10", "--max-seq-len", "256", "--seed", "0",
           "--save-every", "25", "--keep-checkpoints", "1", "--log-every", "10"]
@@ -51,7 +51,6 @@ STREAMS = 4
 # after 70 steps the streams were still at ~5% top-1 (measured, first E2E attempt).
 EXTRA_LR = "4e-3"
 DRAFT_LAYERS = 6
-DRAFT_STEPS = 200
 
 
 def _ss_mlx(*args: str) -> list[str]:
@@ -139,7 +138,7 @@ def run_task(name: str, work: Path, base: Path) -> None:
     _step(work, f"{name}/draft", t / "draft_t", _ss_mlx(
         "train", "--model", str(t / "draft_init"), "--data", str(distilled), "--mode", "shared",
         "--streams", "1", "--stream-layers", "1", "--alpha-streams", "0", "--lora-rank", "32",
-        "--out", str(t / "draft_t"), "--max-steps", str(DRAFT_STEPS), "--batch-size", "8",
+        "--out", str(t / "draft_t"), "--max-steps", str(plan["draft_steps"]), "--batch-size", "8",
         *COMMON, *chat), resumable=True)
     _step(work, f"{name}/draft-merge", t / "draft", _ss_mlx(
         "export-hf", "--torch", str(t / "draft_t"), "--out", str(t / "draft"), "--force"))

@@ -24,10 +24,10 @@ from ss_mlx.machine import summary_line
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from example_report import RESULTS, machine_slug  # noqa: E402
-from paper_recipe import DRAFT_LAYERS, DRAFT_STEPS, PLANS, STREAMS  # noqa: E402
+from paper_recipe import DRAFT_LAYERS, PLANS, STREAMS  # noqa: E402
 
-# Evaluation size per task on a 2-core CPU (all five methods, one process): ~10 min each.
-EVAL = {"e2e": {"n": 30, "max_tokens": 96}, "wikisql": {"n": 40, "max_tokens": 64}}
+# Evaluation size per task on a 2-core CPU (six methods, one process): ~10 min each.
+EVAL = {"e2e": {"n": 20, "max_tokens": 96}, "wikisql": {"n": 20, "max_tokens": 64}}
 # Every drafter gets the same budget: a chain of gamma = 4 tokens (the paper's Table 2 setting,
 # k = 1), so the three methods verify the same number of rows per pass.
 CHAIN = ",".join(["1"] * STREAMS)
@@ -65,14 +65,16 @@ def recipe_text(work: Path) -> str:
     lines = ["Training (benchmarks/paper_recipe.py; LoRA rank 32 on all linear modules, lr 5e-4, "
              f"batch and steps per task below; SS gamma = {STREAMS}, alpha_j = 0.1; Medusa "
              f"{STREAMS} heads x 1 residual block on the frozen merged baseline; draft = the "
-             f"baseline's first {DRAFT_LAYERS} layers, LoRA-distilled for {DRAFT_STEPS} steps "
-             "on the baseline's greedy outputs):", "",
-             "| task | steps x batch | SS Ns | run | wall time |", "|---|---|---:|---|---:|"]
+             f"baseline's first {DRAFT_LAYERS} layers, LoRA-distilled (batch 8) on the baseline's "
+             "greedy outputs):", "",
+             "| task | steps x batch | SS Ns | draft steps | run | wall time |",
+             "|---|---|---:|---:|---|---:|"]
     for task, plan in PLANS.items():
         for key, r in runs.items():
             if key.startswith(f"{task}/"):
                 lines.append(f"| {task} | {plan['steps']} x {plan['batch']} | "
-                             f"{plan['stream_layers']} | {key.split('/', 1)[1]} | "
+                             f"{plan['stream_layers']} | {plan['draft_steps']} | "
+                             f"{key.split('/', 1)[1]} | "
                              f"{r['wall_s'] / 60:.1f} min |")
     return "\n".join(lines) + "\n"
 

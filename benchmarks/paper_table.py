@@ -3,11 +3,12 @@
     python benchmarks/paper_recipe.py --work work/paper     # train (hours on a 2-core CPU)
     python benchmarks/paper_table.py  --work work/paper     # this: evaluate and write the table
 
-Writes ``paper_table.{md,json,png}`` into ``benchmarks/results/<machine>/`` (or --out): per task,
-Table 1 form (speedup vs the LoRA baseline's AR decoding, tokens per pass, call-reduction ratio,
-quality, extra parameters) and Table 2 form (SS vs two-model speculative decoding: calls and
-latency per sample), the training wall time of every model, and the paper's own rows for the
-same tasks next to them.
+Writes ``paper_<task>.json`` (every output and number) per task measured, and ``paper_table.md``
+/ ``paper_table.png`` over all tasks measured so far, into ``benchmarks/results/<machine>/`` (or
+--out): per task, Table 1 form (speedup vs the LoRA baseline's AR decoding, tokens per pass,
+call-reduction ratio, quality, extra parameters) and Table 2 form (SS vs two-model speculative
+decoding: calls and latency per sample), the training wall time of every model, and the paper's
+own rows for the same tasks next to them.
 """
 
 from __future__ import annotations
@@ -90,30 +91,36 @@ def main(argv: list[str] | None = None) -> None:
                    "chain of gamma); the draft model drafts a chain of the same depth")
     args = p.parse_args(argv)
     out = args.out or RESULTS / machine_slug()
-    reports = []
+    cmd = "python benchmarks/paper_table.py " + " ".join(argv if argv is not None else
+                                                         sys.argv[1:])
     for task in [s for s in args.tasks.split(",") if s]:
+        if task not in EVAL:
+            sys.exit(f"paper_table: unknown task {task!r}; known: {', '.join(EVAL)}")
         ev = EVAL[task]
         print(f"## {task}", file=sys.stderr, flush=True)
         rep = compare.compare_task(task, task_models(args.work, task),
                                    n=args.n or ev["n"], max_tokens=ev["max_tokens"],
                                    tree=args.tree, medusa_tree=args.tree,
                                    num_draft=len(args.tree.split(",")), repeats=args.repeats)
+        rep["command"] = cmd
         print(compare.format_task(rep), flush=True)
-        reports.append(rep)
-    cmd = "python benchmarks/paper_table.py " + " ".join(argv if argv is not None else
-                                                         sys.argv[1:])
-    md = [f"Command: `{cmd}`", "", f"Machine: {summary_line(reports[0]['machine'])}", "",
+        atomic_write(out / f"paper_{task}.json", dump_json(rep))
+    # The table holds every task measured so far (one file per task), so a task can be rerun
+    # alone; each task's JSON records the command and machine that produced it.
+    reports = [json.loads((out / f"paper_{t}.json").read_text())
+               for t in EVAL if (out / f"paper_{t}.json").is_file()]
+    md = [f"Machine: {summary_line(reports[0]['machine'])}", "",
           f"Greedy decoding, SS and Medusa tree `{args.tree}`, draft chain of "
           f"{len(args.tree.split(','))}; one process per task, methods interleaved per prompt "
           f"({args.repeats} measured run(s) each after a warm-up). Speedup and CR ratio are "
           "against the LoRA baseline's AR decoding; `ss:ar` is AR decoding of the SS model "
           "itself (its lossless reference; shared-mode training changes the model).", ""]
-    md += [compare.format_task(r) for r in reports]
+    for r in reports:
+        md += [f"Command: `{r.get('command')}`", "", compare.format_task(r)]
     md += [recipe_text(args.work), PAPER]
     atomic_write(out / "paper_table.md", "\n".join(md))
-    atomic_write(out / "paper_table.json", dump_json({"tasks": reports}))
     compare.plot_reports(reports, out / "paper_table.png")
-    print(f"wrote {out}/paper_table.{{md,json,png}}", file=sys.stderr)
+    print(f"wrote {out}/paper_table.md, paper_table.png, paper_<task>.json", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -95,32 +95,42 @@ class SSModel(nn.Module):
         positions: mx.array,
         main_mask: mx.array,
         cache: list[Any] | None,
+        num_streams: int | None = None,
     ) -> tuple[mx.array, mx.array]:
-        """Run T main tokens (a tree or a sequence) and their G streams through the model.
+        """Run T main tokens (a tree or a sequence) and their first G streams through the model.
 
         tokens, positions: (T,); main_mask: (T, T) bool (tree ancestors + self, or causal).
+        G = `num_streams` (default: all). Stream j sees only streams 1..j of its node, so
+        streams 1..G come out the same whether or not the later ones are computed.
         Returns main hidden states (1, T, D) and stream hidden states (1, T*G, D), both before
         the final norm.
         """
-        T, G = tokens.shape[0], self.num_streams
+        T = tokens.shape[0]
+        G = self.num_streams if num_streams is None else num_streams
+        if not 0 <= G <= self.num_streams:
+            raise ValueError(f"num_streams must be in [0, {self.num_streams}], got {G}")
         context = cache[0].offset if cache else 0
         cache = cache or [None] * self.num_layers
         h = self.inner.embed_tokens(tokens[None])  # (1, T, D)
         mask = with_context(main_mask, context)
         layers = self.inner.layers
+        if G == 0:
+            for i in range(self.num_layers):
+                h = arch.block(layers[i], h, positions, mask, cache[i])
+            return h, h[:, :0]
         for i in range(self.first_stream_layer):
             h = arch.block(layers[i], h, positions, mask, cache[i])
 
         # Eq. 3 with f_eta = identity: S_{t,j} = M_t + P_j.
-        P = self.streams.stream_embeddings.astype(h.dtype)  # (G, D)
+        P = self.streams.stream_embeddings[:G].astype(h.dtype)  # (G, D)
         s = (h[0, :, None, :] + P[None]).reshape(1, T * G, -1)  # (1, T*G, D)
         x = mx.concatenate([h, s], axis=1)  # (1, T + T*G, D)
-        offsets = mx.array(self._offsets, dtype=positions.dtype)  # (G,)
+        offsets = mx.array(self._offsets[:G], dtype=positions.dtype)  # (G,)
         stream_pos = (positions[:, None] + offsets[None]).reshape(-1)  # (T*G,)
         all_pos = mx.concatenate([positions, stream_pos])
         mask = with_context(stream_mask(main_mask, G), context)
         for i in range(self.first_stream_layer, self.num_layers):
-            rows = self.streams.rows(i, T)
+            rows = self.streams.rows(i, T, G)
             x = arch.block(layers[i], x, all_pos, mask, cache[i], rows)
         return x[:, :T], x[:, T:]
 
@@ -149,11 +159,12 @@ class SSModel(nn.Module):
         cache: list[Any],
         depth: int,
     ) -> TreeOutput:
-        """`tree_forward` for the decoding loop: only the first `depth` streams are kept, and
-        for small trees their LM head is fused with the main rows' (one read of the head)."""
-        main, streams = self._forward(tokens, positions, ancestor_mask, cache)
+        """`tree_forward` for the decoding loop: only the first `depth` streams are computed
+        (a tree `depth` deep drafts from no others), and for small trees their LM head is
+        fused with the main rows' (one read of the head)."""
+        main, streams = self._forward(tokens, positions, ancestor_mask, cache, depth)
         T = tokens.shape[0]
-        streams = streams[0].reshape(T, self.num_streams, -1)[:, :depth]  # (T, depth, D)
+        streams = streams[0].reshape(T, depth, main.shape[-1])  # (T, depth, D)
         if depth > 0 and T * (1 + depth) <= FUSED_HEAD_MAX_ROWS:
             rows = mx.concatenate([main[0], streams.reshape(T * depth, -1)], axis=0)
             logits = self.head(rows)

@@ -67,10 +67,13 @@ class StreamParams(nn.Module):
         }
         self.prune = (tensors["prune.a"], tensors["prune.b"]) if cfg.prune_rank > 0 else None
 
-    def rows(self, layer: int, n_main: int) -> StreamRows:
-        return StreamRows(
-            n_main, self.cfg.num_streams, self.adapters[layer], self.cfg.adapter_scale
-        )
+    def rows(self, layer: int, n_main: int, num_streams: int | None = None) -> StreamRows:
+        """The row layout of `layer` with the first `num_streams` streams (default: all)."""
+        G = self.cfg.num_streams if num_streams is None else num_streams
+        adapters = self.adapters[layer]
+        if G < self.cfg.num_streams:
+            adapters = {name: (a[:G], b[:G]) for name, (a, b) in adapters.items()}
+        return StreamRows(n_main, G, adapters, self.cfg.adapter_scale)
 
     def tensors(self) -> dict[str, mx.array]:
         out = {"stream_embeddings": self.stream_embeddings}

@@ -146,7 +146,9 @@ def test_plain_tree_forward_matches_ss_main_rows():
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
 
 
-@pytest.mark.parametrize("tree", ["1,1", "3,3,2"])  # fused head, and separate head calls
+# Shallower than the model's 3 streams (only the first streams are computed), fused head, and
+# separate head calls.
+@pytest.mark.parametrize("tree", ["2", "1,1", "3,3,2"])
 def test_tree_step_stream_logits_match_tree_forward(tree):
     m = tiny_ss_model("llama", adapter_rank=4)
     spec = TreeSpec.parse(tree)
@@ -161,12 +163,30 @@ def test_tree_step_stream_logits_match_tree_forward(tree):
             outs.append((logits, m.head(sh[:, : spec.depth])))
         else:
             out = m.tree_step(*args, spec.depth)
-            assert out.fused == (tree == "1,1")
+            assert out.fused == (tree != "3,3,2")
             per_node = mx.stack([m.stream_logits_at(out, mx.array(i))
                                  for i in range(spec.num_nodes)])
             outs.append((out.main_logits, per_node))
     for a, b in zip(outs[0], outs[1], strict=True):
         np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
+
+
+def test_tree_step_without_streams_keeps_main_logits():
+    m = tiny_ss_model("llama", adapter_rank=4)
+    spec = TreeSpec.parse("2,1")
+    tokens = mx.arange(spec.num_nodes) + 5
+    outs = []
+    for depth in (None, 0):
+        cache = make_cache(m.base)
+        m.base(TOKENS, cache=cache)
+        args = (tokens, 10 + spec.depths, spec.ancestor_mask, cache)
+        if depth is None:
+            outs.append(np.array(m.tree_forward(*args)[0]))
+        else:
+            out = m.tree_step(*args, depth)
+            assert out.streams.shape[:2] == (spec.num_nodes, 0)
+            outs.append(np.array(out.main_logits))
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
 
 
 def test_dtype_cast_keeps_integer_stream_positions():

@@ -150,10 +150,12 @@ def measure_verify_cost(
 ) -> dict[str, Any]:
     """Seconds of one decoding pass over T = 1..max_t tree nodes after `context` cached tokens.
 
-    For an SSModel the pass is ``tree_forward`` (main rows plus their streams) followed by the
-    main argmax and the stream head at one node, as in a real step; for a plain mlx-lm model it
-    is ``plain_tree_forward`` (the pass of lookup/Medusa decoding). The tree is a chain: the cost
-    of a pass depends on its row count, not on its shape. Repeats are interleaved over T so
+    For an SSModel the pass is ``tree_step`` (main rows plus the streams the next tree drafts
+    from) followed by the main argmax and the stream head at one node, as in a real step; for a
+    plain mlx-lm model it is ``plain_tree_forward`` (the pass of lookup/Medusa decoding). The
+    tree is a chain of T nodes drafting a chain as deep (T - 1 streams, at least 1, at most
+    gamma): the cost of a pass depends on its row count, not on its shape, and a wider tree of
+    T nodes is shallower, so this is an upper bound for it. Repeats are interleaved over T so
     that load changes hit every T alike; medians are reported. Also times mlx-lm's own
     one-token forward (the AR step) for reference.
     """
@@ -162,6 +164,10 @@ def measure_verify_cost(
     if max_t < 1:
         raise ValueError(f"max_t must be >= 1, got {max_t}")
     is_ss = isinstance(model, SSModel)
+
+    def chain_depth(T: int) -> int:
+        return min(max(T - 1, 1), model.num_streams)
+
     base = model.base if is_ss else model
     vocab = base.model.embed_tokens.weight.shape[0]
     rng = np.random.default_rng(seed)
@@ -179,8 +185,9 @@ def measure_verify_cost(
         tokens = mx.array(rng.integers(0, vocab, size=T), dtype=mx.int32)
         positions = start + mx.arange(T)
         if is_ss:
-            logits, streams = model.tree_forward(tokens, positions, masks[T], cache)
-            out = [mx.argmax(logits, axis=-1), mx.argmax(model.head(streams[-1]), axis=-1)]
+            out = model.tree_step(tokens, positions, masks[T], cache, chain_depth(T))
+            last = model.stream_logits_at(out, mx.array(T - 1))
+            out = [mx.argmax(out.main_logits, axis=-1), mx.argmax(last, axis=-1)]
         else:
             logits, _ = plain_tree_forward(base, tokens, positions, masks[T], cache)
             out = [mx.argmax(logits, axis=-1)]
@@ -214,7 +221,7 @@ def measure_verify_cost(
     bar.close()
     seconds = [float(np.median(samples[T])) for T in sizes]
     return {
-        "pass": "ss tree_forward" if is_ss else "plain tree forward",
+        "pass": "ss tree_step" if is_ss else "plain tree forward",
         "context": context,
         "repeats": repeats,
         "T": sizes,

@@ -1,7 +1,8 @@
 """The committed example report: tune on this machine, then bench chat and E2E prompts.
 
     python benchmarks/example_report.py [--model DIR] [--out benchmarks/results/NAME]
-        [--datasets chat,e2e] [--n 12] [--max-tokens 128] [--repeats 2]
+        [--datasets chat,e2e] [--n 12] [--max-tokens 128] [--repeats 2] [--methods ar,ss]
+        [--tree 1,1 ...] [--tune-prompts FILE]
 
 Writes into the output folder (default ``benchmarks/results/<machine>``): ``tune.{json,png}``
 and ``tuned_tree.json`` (from ``ss-mlx tune --no-save``: nothing goes into the user cache), then
@@ -38,12 +39,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", default="12")
     p.add_argument("--max-tokens", default="128")
     p.add_argument("--repeats", default="2")
+    p.add_argument("--methods", default=None, help="bench methods (default: all)")
+    p.add_argument("--tree", action="append", default=[],
+                   help="extra SS tree rows (repeatable), e.g. a sweep of chain depths")
+    p.add_argument("--tune-prompts", nargs="+", default=None,
+                   help="prompts for tune's acceptance measurement (default: tune's); keep "
+                        "them apart from the benchmarked ones so the tree is not fit to them")
     args = p.parse_args(argv)
     out = args.out or RESULTS / machine_slug()
     out.mkdir(parents=True, exist_ok=True)
     model = ["--model", args.model] if args.model else []
 
-    tune.main([*model, "--no-save", "--json", str(out / "tune.json"),
+    tune_prompts = ["--prompts", *args.tune_prompts] if args.tune_prompts else []
+    tune.main([*model, *tune_prompts, "--no-save", "--json", str(out / "tune.json"),
                "--plot", str(out / "tune.png")])
     tuned = json.loads((out / "tune.json").read_text())["tree"]
     (out / "tuned_tree.json").write_text(json.dumps(tuned, indent=1) + "\n")
@@ -52,7 +60,9 @@ def main(argv: list[str] | None = None) -> None:
         bench.main([
             *model, "--dataset", name, "--n", args.n, "--max-tokens", args.max_tokens,
             "--repeats", args.repeats, "--warmup", "1",
+            *(["--methods", args.methods] if args.methods else []),
             "--tree", "default", "--tree", str(out / "tuned_tree.json"),
+            *(x for t in args.tree for x in ("--tree", t)),
             "--verify-curve", "32",
             "--json", str(out / f"{name}.json"), "--markdown", str(out / f"{name}.md"),
             "--plot", str(out / f"{name}.png"),

@@ -8,9 +8,9 @@ W=work/default_model
 G=${G:-4}            # streams
 NS=${NS:-4}          # stream layers
 RANK=${RANK:-8}      # stream-only adapter rank
-STEPS=${STEPS:-90}
+STEPS=${STEPS:-268}     # ~1 epoch of the ~1,070 distilled answers at batch 4
 LR=${LR:-4e-3}
-N_TRAIN=${N_TRAIN:-272}
+N_TRAIN=${N_TRAIN:-2600}  # prompt rows; distill answers each distinct prompt once
 N_EVAL=${N_EVAL:-24}
 BASE=$(ss-mlx models path default --quiet)
 RUN=$W/train_g${G}_ns${NS}_r${RANK}
@@ -18,13 +18,13 @@ RUN=$W/train_g${G}_ns${NS}_r${RANK}
 python examples/default_model/prompts.py --data ../shared/data --out $W
 # The base model's own greedy answers are the targets: the streams learn to predict SmolLM2.
 ss-mlx distill --model "$BASE" --prompts $W/prompts_train.jsonl --out $W/distill_train.jsonl \
-  --max-new-tokens 128 --batch-size 16 --limit "$N_TRAIN"
+  --max-new-tokens 128 --batch-size 32 --limit "$N_TRAIN"
 ss-mlx distill --model "$BASE" --prompts $W/prompts_heldout.jsonl --out $W/distill_heldout.jsonl \
   --max-new-tokens 128 --batch-size 24 --limit "$N_EVAL"
 ss-mlx train --model "$BASE" --data $W/distill_train.jsonl --eval $W/distill_heldout.jsonl \
   --mode lossless --streams "$G" --stream-layers "$NS" --adapter-rank "$RANK" \
-  --max-steps "$STEPS" --lr "$LR" --warmup-steps 5 --batch-size 4 --max-seq-len 384 \
-  --cache-hidden on --save-every 30 --log-every 5 \
+  --max-steps "$STEPS" --lr "$LR" --warmup-steps 10 --batch-size 4 --max-seq-len 384 \
+  --cache-hidden on --save-every 40 --log-every 5 \
   --out "$RUN" $( [ -d "$RUN/checkpoints" ] && echo --resume )
 ss-mlx convert --torch "$RUN" --out "$RUN-mlx" --dtype float32 --check --force
 python examples/default_model/export_assets.py --model "$RUN-mlx" --out ss_mlx/assets --tree 1

@@ -1,7 +1,9 @@
 """Build the prompt sets for the default model's stream training (issue: lossless SmolLM2).
 
 Training prompts (permissive licences only): wwdc25 train (MIT), WikiSQL train (BSD-3/MIT),
-E2E dev MRs (CC BY-SA 4.0). Held out for evaluation, never trained on: Vicuna-bench (Apache-2.0)
+E2E dev MRs (CC BY-SA 4.0). wwdc25 train holds 271 distinct prompts in 1,800 rows and
+`ss-mlx distill` answers each distinct prompt once: about 1,070 distinct prompts in all.
+Held out for evaluation, never trained on: Vicuna-bench (Apache-2.0)
 and wwdc25 valid. DialogSum is not used (non-commercial licence).
 
     python examples/default_model/prompts.py --data ../shared/data --out work/default_model
@@ -51,9 +53,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/data")
     p.add_argument("--out", default="work/default_model")
-    p.add_argument("--n-wwdc", type=int, default=700)
-    p.add_argument("--n-sql", type=int, default=250)
-    p.add_argument("--n-e2e", type=int, default=250)
+    p.add_argument("--n-wwdc", type=int, default=1800)
+    p.add_argument("--n-sql", type=int, default=400)
+    p.add_argument("--n-e2e", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     data, out = Path(args.data), Path(args.out)
@@ -72,8 +74,10 @@ def main() -> None:
     rng.shuffle(train)
     heldout = [{"prompt": t, "source": "vicuna"} for t in vicuna(
         data / "chat/vicuna_bench_questions.jsonl")]
-    heldout += [{"prompt": t, "source": "wwdc25_valid"} for t in wwdc(
-        data / "chat/wwdc25_valid.jsonl")]
+    # wwdc25 valid repeats some train prompts (48 of its 144 rows): those are not held out.
+    seen = set(wwdc(data / "chat/wwdc25_train.jsonl"))
+    heldout += [{"prompt": t, "source": "wwdc25_valid"} for t in dict.fromkeys(wwdc(
+        data / "chat/wwdc25_valid.jsonl")) if t not in seen]
     write(train, out / "prompts_train.jsonl")
     write(heldout, out / "prompts_heldout.jsonl")
     print(f"{len(train)} training prompts, {len(heldout)} held-out prompts -> {out}")

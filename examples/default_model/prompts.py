@@ -66,8 +66,9 @@ def main() -> None:
         rng.shuffle(items)
         return [{"prompt": t, "source": source} for t in items[:n]]
 
+    wwdc_train = wwdc(data / "chat/wwdc25_train.jsonl")
     train = (
-        pick(wwdc(data / "chat/wwdc25_train.jsonl"), args.n_wwdc, "wwdc25")
+        pick(wwdc_train, args.n_wwdc, "wwdc25")
         + pick(wikisql(data / "wikisql/train.jsonl"), args.n_sql, "wikisql")
         + pick(e2e(data / "e2e/devset.csv"), args.n_e2e, "e2e")
     )
@@ -75,7 +76,7 @@ def main() -> None:
     heldout = [{"prompt": t, "source": "vicuna"} for t in vicuna(
         data / "chat/vicuna_bench_questions.jsonl")]
     # wwdc25 valid repeats some train prompts (48 of its 144 rows): those are not held out.
-    seen = set(wwdc(data / "chat/wwdc25_train.jsonl"))
+    seen = set(wwdc_train)
     heldout += [{"prompt": t, "source": "wwdc25_valid"} for t in dict.fromkeys(wwdc(
         data / "chat/wwdc25_valid.jsonl")) if t not in seen]
     write(train, out / "prompts_train.jsonl")

@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 import ss_mlx  # noqa: F401  (OpenBLAS before mlx.core)
-from ss_mlx import compare
-from ss_mlx.bench import atomic_write, dump_json
-from ss_mlx.machine import summary_line
+from ss_mlx.bench import compare
+from ss_mlx.bench.bench import atomic_write, dump_json
+from ss_mlx.bench.machine import summary_line
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from example_report import RESULTS, machine_slug  # noqa: E402

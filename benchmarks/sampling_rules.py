@@ -19,9 +19,9 @@ from pathlib import Path
 import ss_mlx  # OpenBLAS preload: before mlx.core
 import mlx.core as mx
 
-from ss_mlx.datasets import encode_prompt, load_prompts
-from ss_mlx.machine import describe_machine
-from ss_mlx.sampling import SamplerConfig, target_logprobs
+from ss_mlx.bench.datasets import encode_prompt, load_prompts
+from ss_mlx.bench.machine import describe_machine
+from ss_mlx.decode.sampling import SamplerConfig, target_logprobs
 
 RULES = ("simple", "rrs", "typical", "coarse")
 
@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     if args.model is None:
-        from ss_mlx.default_model import ensure_default_model
+        from ss_mlx.prepare.default_model import ensure_default_model
 
         args.model = ensure_default_model(progress=False)
     model, tok = ss_mlx.load(args.model)

@@ -1,7 +1,7 @@
 """`python benchmarks/tune.py ARGS` is `ss-mlx tune ARGS` (see benchmarks/README.md)."""
 
 import ss_mlx  # noqa: F401  (loads OpenBLAS before mlx.core on Linux)
-from ss_mlx.tune import main
+from ss_mlx.bench.tune import main
 
 if __name__ == "__main__":
     main()

@@ -28,9 +28,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
 
-from ss_mlx.config import CONFIG_KEY, STREAMS_FILE, SSConfig
+from ss_mlx.config import CONFIG_KEY, MEDUSA_FILE, MEDUSA_KEY, STREAMS_FILE, SSConfig
+from ss_mlx.decode.tree import TreeSpec
 from ss_mlx.loader import attach_streams, check_supported
-from ss_mlx.tree import TreeSpec
 
 from .checkpoint_io import (
     ADAPTER_FILES,
@@ -41,8 +41,6 @@ from .checkpoint_io import (
     open_tensor_file,
 )
 from .export_lora import LoraMergeError, LoraMerger, plan_lora_merge
-from .medusa import MEDUSA_CONFIG_KEY as MEDUSA_KEY
-from .medusa import MEDUSA_FILE
 from .save_model import TOKENIZER_FILES  # the trainer's list: what it copies, we copy on
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}

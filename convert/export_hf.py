@@ -21,15 +21,16 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from ss_mlx.config import CONFIG_KEY, MEDUSA_KEY
+from ss_mlx.files import copy_file, write_json
+
 from .checkpoint_io import CheckpointError, open_adapter, open_checkpoint
 from .export import ConversionError, check_destination, commit_dir, read_merged, source_shapes
 from .export_lora import LoraMergeError, plan_lora_merge
-from .fileio import copy_file, write_json
-from .medusa import MEDUSA_CONFIG_KEY
-from .save_model import SS_CONFIG_KEY, TOKENIZER_FILES, TRAINING_CONFIG_KEY
+from .save_model import TOKENIZER_FILES, TRAINING_CONFIG_KEY
 
 LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
-DROPPED_BLOCKS = (SS_CONFIG_KEY, TRAINING_CONFIG_KEY, MEDUSA_CONFIG_KEY)
+DROPPED_BLOCKS = (CONFIG_KEY, TRAINING_CONFIG_KEY, MEDUSA_KEY)
 
 
 def export_hf(

@@ -7,7 +7,7 @@ small (h^2 + h per head); Medusa's original per-head LM head copy would add h*V 
 
 Files: `medusa_heads.safetensors` with `medusa_head.{k}.0.linear.weight` (D, D) and
 `medusa_head.{k}.0.linear.bias` (D,) (Medusa's names, minus the absent per-head LM head
-`medusa_head.{k}.1.weight`), and the config block `MEDUSA_CONFIG_KEY`.
+`medusa_head.{k}.1.weight`), and the config block `ss_mlx.config.MEDUSA_KEY`.
 """
 
 from __future__ import annotations
@@ -18,15 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ss_mlx.config import check_model_type, medusa_config
+
 from .modeling import BaseOutput, default_position_ids, hf_causal_lm
-from .save_model import MEDUSA_FILE  # noqa: F401  (re-exported: the heads' file name)
-from .ss_config import check_model_type
-
-MEDUSA_CONFIG_KEY = "medusa"
-
-
-def medusa_config(num_heads: int) -> dict[str, Any]:
-    return {"format_version": 1, "num_heads": int(num_heads), "num_layers": 1, "lm_head": "shared"}
 
 
 class ResBlock(nn.Module):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .ss_config import normalize_ss_config
+from ss_mlx.config import SSConfig
 
 
 @dataclass
@@ -76,7 +76,9 @@ class StreamingLM(nn.Module):
         cfg = hf.config
         self.model_type = cfg.model_type
         self.num_layers = cfg.num_hidden_layers
-        self.ss = normalize_ss_config(ss, self.model_type, self.num_layers)
+        ss_cfg = SSConfig.from_dict(ss, strict=True)
+        ss_cfg.check_model(self.model_type, self.num_layers)
+        self.ss = ss_cfg.to_dict()
         self.num_streams = G = self.ss["num_streams"]
         self.first_stream_layer = self.num_layers - self.ss["stream_layers"]
         self.num_heads = cfg.num_attention_heads

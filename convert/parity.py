@@ -26,10 +26,9 @@ import mlx.core as mx
 # isort: on
 import torch
 
-from ss_mlx.config import CONFIG_KEY
+from ss_mlx.config import CONFIG_KEY, MEDUSA_KEY
 
 from .checkpoint_io import ADAPTER_CONFIG, ADAPTER_FILES
-from .medusa import MEDUSA_CONFIG_KEY as MEDUSA_KEY
 
 DEFAULT_ATOL = 1e-4
 # fp32 rounding grows with the logit scale: on SmolLM2-135M (|logit| <= ~38, 30 layers) PyTorch

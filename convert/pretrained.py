@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .medusa import MEDUSA_CONFIG_KEY, MEDUSA_FILE, MedusaLM
+from ss_mlx.config import CONFIG_KEY, MEDUSA_FILE, MEDUSA_KEY, STREAMS_FILE
+
+from .medusa import MedusaLM
 from .modeling import StreamingLM
-from .save_model import PEFT_FILES, SS_CONFIG_KEY, STREAMS_FILE
+from .save_model import PEFT_FILES
 
 
 def load_trained(
@@ -28,14 +30,14 @@ def load_trained(
         import peft
 
         base = peft.PeftModel.from_pretrained(base, path)
-    if SS_CONFIG_KEY in config:
-        model = StreamingLM(base, config[SS_CONFIG_KEY])
+    if CONFIG_KEY in config:
+        model = StreamingLM(base, config[CONFIG_KEY])
         model.load_ss_state_dict(load_file(str(path / STREAMS_FILE)))
-    elif MEDUSA_CONFIG_KEY in config:
-        model = MedusaLM(base, config[MEDUSA_CONFIG_KEY]["num_heads"])
+    elif MEDUSA_KEY in config:
+        model = MedusaLM(base, config[MEDUSA_KEY]["num_heads"])
         model.load_heads_state_dict(load_file(str(path / MEDUSA_FILE)))
     else:
         raise ValueError(
-            f"{path}/config.json has neither {SS_CONFIG_KEY!r} nor {MEDUSA_CONFIG_KEY!r}"
+            f"{path}/config.json has neither {CONFIG_KEY!r} nor {MEDUSA_KEY!r}"
         )
     return model.to(device).eval()

@@ -21,13 +21,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .fileio import atomic_write, copy_file, write_json
+from ss_mlx.config import MEDUSA_FILE, STREAMS_FILE
+from ss_mlx.files import atomic_write, copy_file, write_json
 
-STREAMS_FILE = "speculative_streams.safetensors"
-SS_CONFIG_KEY = "speculative_streaming"
 TRAINING_CONFIG_KEY = "ss_training"
 PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
-MEDUSA_FILE = "medusa_heads.safetensors"  # see medusa.py
 
 WEIGHT_PATTERNS = (
     "model*.safetensors",

@@ -19,18 +19,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from ss_mlx.config import (
+    ADAPTER_MODULES,
+    CONFIG_KEY,
+    MEDUSA_FILE,
+    MEDUSA_KEY,
+    STREAMS_FILE,
+    SSConfig,
+)
+from ss_mlx.files import write_json
+
 from . import train_state
 from .data import Example, collate, epoch_batches, load_examples, pad_id_of
 from .dist import DistEnv, all_reduce_sums, barrier, init_distributed, shutdown
-from .fileio import write_json
 from .hidden_cache import FrozenBaseCache
 from .loss import accumulate, aggregate_metrics, chain_acceptance, ss_loss
-from .medusa import MEDUSA_CONFIG_KEY, MEDUSA_FILE, MedusaLM
+from .medusa import MedusaLM
 from .modeling import StreamingLM, hf_causal_lm
 from .save_model import (
     PEFT_FILES,
-    SS_CONFIG_KEY,
-    STREAMS_FILE,
     TRAINING_CONFIG_KEY,
     copy_base_files,
     remove_stale,
@@ -38,7 +45,6 @@ from .save_model import (
     save_tensors,
     write_config,
 )
-from .ss_config import ALLOWED_MODULES, make_ss_config
 
 MODES = ("shared", "lossless", "medusa")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -153,7 +159,7 @@ def resolve_defaults(args: argparse.Namespace, model_type: str) -> None:
     if args.adapter_rank is None:
         args.adapter_rank = 8 if args.mode == "lossless" else 0
     if args.adapter_modules is None:
-        args.adapter_modules = ",".join(ALLOWED_MODULES.get(model_type, ()))
+        args.adapter_modules = ",".join(ADAPTER_MODULES.get(model_type, ()))
     if args.lora_alpha is None:
         args.lora_alpha = 2.0 * args.lora_rank
     if args.adapter_alpha is None:
@@ -172,7 +178,7 @@ def build_model(args: argparse.Namespace, base: nn.Module) -> tuple[nn.Module, A
     if args.mode == "shared":
         import peft
 
-        targets = sorted({m.split(".")[-1] for m in ALLOWED_MODULES.get(model_type, ())})
+        targets = sorted({m.split(".")[-1] for m in ADAPTER_MODULES.get(model_type, ())})
         lora = peft.LoraConfig(
             r=args.lora_rank,
             lora_alpha=args.lora_alpha,
@@ -183,15 +189,15 @@ def build_model(args: argparse.Namespace, base: nn.Module) -> tuple[nn.Module, A
         )
         base = peft_model = peft.get_peft_model(base, lora)
     modules = [m for m in args.adapter_modules.split(",") if m] if args.adapter_rank > 0 else []
-    ss = make_ss_config(
-        args.streams,
-        args.stream_layers,
+    ss = SSConfig(
+        num_streams=args.streams,
+        stream_layers=args.stream_layers,
         stream_position_mode=args.position_mode,
         adapter_rank=args.adapter_rank,
         adapter_scale=args.adapter_alpha / max(args.adapter_rank, 1),
-        adapter_modules=modules,
+        adapter_modules=tuple(modules),
         prune_rank=args.prune_rank,
-    )
+    ).to_dict()
     return StreamingLM(base, ss), peft_model
 
 
@@ -528,13 +534,13 @@ def write_output(
     if isinstance(core, MedusaLM):
         remove_stale(out_dir, {MEDUSA_FILE})
         save_tensors(out_dir / MEDUSA_FILE, core.heads_state_dict())
-        blocks[MEDUSA_CONFIG_KEY] = core.config_block()
+        blocks[MEDUSA_KEY] = core.config_block()
     else:
         remove_stale(out_dir, {STREAMS_FILE, *(PEFT_FILES if peft_model is not None else ())})
         save_tensors(out_dir / STREAMS_FILE, core.ss_state_dict())
         if peft_model is not None:
             save_peft_adapter(peft_model, out_dir)
-        blocks[SS_CONFIG_KEY] = core.ss
+        blocks[CONFIG_KEY] = core.ss
     write_config(args.model, out_dir, blocks)  # last: a complete config.json marks a complete dir
 
 

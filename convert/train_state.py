@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .fileio import atomic_write
+from ss_mlx.files import atomic_write
 
 STATE_FILE = "state.pt"
 

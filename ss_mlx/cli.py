@@ -1,47 +1,154 @@
 """`ss-mlx <command> ...`: route to the command module's `main(argv)`.
 
-Modules are imported lazily so `ss-mlx generate` never imports torch, and a missing optional
-extra only fails the command that needs it.
+Modules are imported lazily, so `ss-mlx --help` starts fast, `ss-mlx generate` never imports
+torch or the measurement code, and a missing optional extra only fails the command that needs it.
 """
 
+import argparse
 import importlib
 import sys
 
-# command -> (module, what to install when the import fails)
+TRAIN = "ss-mlx[train]"
+DEFAULT_PROMPT = "Write a haiku about speculative decoding."
+
+# command -> ("module:function", one-line description, what to install when the import fails)
 COMMANDS = {
-    "generate": ("ss_mlx.generate", None),
-    "init": ("ss_mlx.init_model", None),
-    "models": ("ss_mlx.default_model", None),
-    "import-gguf": ("ss_mlx.gguf_import", None),
-    "bench": ("ss_mlx.bench", None),
-    "tune": ("ss_mlx.tune", None),
-    "compare": ("ss_mlx.compare", None),
-    "train": ("ss_mlx_convert.train", "ss-mlx[train]"),
-    "distill": ("ss_mlx_convert.distill", "ss-mlx[train]"),
-    "convert": ("ss_mlx_convert.export", "ss-mlx[train]"),
-    "export-hf": ("ss_mlx_convert.export_hf", "ss-mlx[train]"),
+    "generate": ("ss_mlx.cli:generate_main", "generate text with Speculative Streaming", None),
+    "init": ("ss_mlx.prepare.init_model:main", "add fresh (untrained) streams to a model", None),
+    "models": ("ss_mlx.prepare.default_model:main", "prepare / locate the default model", None),
+    "import-gguf": ("ss_mlx.prepare.gguf_import:main", "convert a llama-family GGUF file", None),
+    "bench": ("ss_mlx.bench.bench:main", "benchmark AR / SS / draft / lookup / Medusa", None),
+    "tune": ("ss_mlx.bench.tune:main", "fit the draft tree to this model and machine", None),
+    "compare": ("ss_mlx.bench.compare:main", "the paper's task comparison table", None),
+    "train": ("ss_mlx_convert.train:main", "train streams or Medusa heads (PyTorch)", TRAIN),
+    "distill": ("ss_mlx_convert.distill:main", "the base model's own answers as targets", TRAIN),
+    "convert": ("ss_mlx_convert.export:main", "export a trained checkpoint to MLX", TRAIN),
+    "export-hf": ("ss_mlx_convert.export_hf:main", "merge LoRA, export a HF model", TRAIN),
 }
 
-USAGE = "usage: ss-mlx {" + ",".join(COMMANDS) + "} [-h] ..."
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: ss-mlx <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc, _) in COMMANDS.items()]
+    lines += ["", "Run `ss-mlx <command> --help` for a command's options."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        print("Run `ss-mlx <command> --help` for a command's options.")
+        print(usage())
+        return
+    if argv[0] == "--version":
+        from ._version import __version__
+
+        print(f"ss-mlx {__version__}")
         return
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        sys.exit(f"ss-mlx: unknown command {command!r}. {USAGE}")
-    module_name, extra = COMMANDS[command]
+        sys.exit(f"ss-mlx: unknown command {command!r}\n{usage()}")
+    target, _, extra = COMMANDS[command]
+    module_name, _, function = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        if extra is None or e.name is None or e.name.startswith(("ss_mlx",)):
+        if extra is None or e.name is None or e.name.startswith("ss_mlx"):
             raise
         sys.exit(f"ss-mlx {command}: needs {e.name!r}; install it with: pip install '{extra}'")
-    module.main(rest)
+    getattr(module, function)(rest)
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    from .decode.verify import ACCEPT_RULES, TypicalParams
+    from .generation import DEFAULT_MAX_TOKENS
+
+    p = argparse.ArgumentParser(
+        prog="ss-mlx generate", description="Generate text with Speculative Streaming."
+    )
+    p.add_argument("--model", help="SS model directory (default: the embedded default model)")
+    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="prompt text ('-' reads stdin)")
+    p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument(
+        "--tree",
+        help="draft tree: widths '3,2,1', widths with node budget "
+        "'4,2,1:8', a JSON list of rank paths, or a .json file",
+    )
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--accept-rule",
+        choices=ACCEPT_RULES,
+        default="auto",
+        help="auto: greedy at temp 0, exact rejection sampling ('rrs') above; "
+        "'typical' is a relaxed rule whose output is NOT the model's distribution",
+    )
+    p.add_argument("--typical-threshold", type=float, default=TypicalParams.threshold)
+    p.add_argument("--typical-alpha", type=float, default=TypicalParams.alpha)
+    p.add_argument(
+        "--coarse-theta",
+        type=float,
+        default=0.8,
+        help="embedding-cosine threshold of the relaxed 'coarse' rule's token groups",
+    )
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--repetition-context-size", type=int, default=20)
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument(
+        "--ignore-chat-template",
+        action="store_true",
+        help="feed the prompt as raw text, without the chat template",
+    )
+    p.add_argument("--verbose", action="store_true", help="print speed and acceptance statistics")
+    return p
+
+
+def generate_main(argv: list[str] | None = None) -> None:
+    args = generate_parser().parse_args(argv)
+    from mlx_lm.sample_utils import make_logits_processors
+
+    from .decode.verify import TypicalParams
+    from .generation import generate
+    from .loader import load
+
+    try:
+        if args.model is None:
+            from .prepare.default_model import ensure_default_model
+
+            args.model = ensure_default_model()
+        model, tokenizer = load(args.model)
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        processors = make_logits_processors(
+            repetition_penalty=args.repetition_penalty,
+            repetition_context_size=args.repetition_context_size,
+        )
+        text = generate(
+            model,
+            tokenizer,
+            prompt,
+            verbose=args.verbose,
+            max_tokens=args.max_tokens,
+            tree=args.tree,
+            apply_chat_template=not args.ignore_chat_template,
+            system_prompt=args.system_prompt,
+            temp=args.temp,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            seed=args.seed,
+            accept_rule=args.accept_rule,
+            logits_processors=processors,
+            typical=TypicalParams(args.typical_threshold, args.typical_alpha),
+            coarse_theta=args.coarse_theta,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"ss-mlx generate: error: {e}")
+    if not args.verbose:
+        print(text)
+
 
 
 if __name__ == "__main__":

@@ -1,8 +1,6 @@
-"""Load and write SS model directories (an mlx-lm model dir + stream parameters)."""
+"""Load SS model directories (an mlx-lm model dir + stream parameters), or wrap a loaded model."""
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,23 +10,28 @@ import mlx_lm
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import MODEL_REMAPPING
 
-from .cache import make_cache
-from .config import CONFIG_KEY, STREAMS_FILE, SUPPORTED_MODEL_TYPES, SSConfig
-from .model import SSModel
-from .streams import StreamParams, check_tensors, expected_shapes
+from .config import CONFIG_KEY, MEDUSA_FILE, STREAMS_FILE, SUPPORTED_MODEL_TYPES, SSConfig
+from .decode.cache import make_cache
+from .model.ss_model import SSModel
+from .model.streams import StreamParams, check_tensors, expected_shapes
+
+# mlx-lm's Hub patterns drop files it does not know; an SS repo needs its stream/head files.
+SS_FILES = (STREAMS_FILE, MEDUSA_FILE)
 
 
-def resolve_model_path(path_or_repo: str | Path) -> Path:
-    """A local directory, or a Hub repo fetched through mlx-lm where the hub is reachable."""
+def resolve_model_path(path_or_repo: str | Path, revision: str | None = None) -> Path:
+    """A local directory, or a Hub repo (with its stream files) where the hub is reachable."""
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"model path {path} is a file; pass the model directory")
         return path
-    from mlx_lm.utils import _download
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, _download
 
     try:
-        return Path(_download(str(path_or_repo)))
+        return Path(
+            _download(str(path_or_repo), revision, [*DEFAULT_ALLOW_PATTERNS, *SS_FILES])
+        )
     except Exception as e:  # hub errors come in many types; all mean "not available"
         raise FileNotFoundError(
             f"model {str(path_or_repo)!r} is not a local directory and could not be fetched "
@@ -41,9 +44,12 @@ def read_config(model_path: Path) -> dict[str, Any]:
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{model_path} has no config.json; is it a model directory?")
     try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_file} must hold a JSON object, got a {type(config).__name__}")
+    return config
 
 
 def model_type_of(config: dict[str, Any]) -> str:
@@ -56,7 +62,7 @@ def check_supported(config: dict[str, Any], source: Path) -> str:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"{source}: model_type {config.get('model_type')!r} is not supported by ss-mlx; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (and mistral, as llama)"
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     return model_type
 
@@ -85,9 +91,15 @@ def stream_shapes(base: nn.Module, cfg: SSConfig) -> dict[str, tuple[int, ...]]:
 
 
 def attach_streams(
-    base: nn.Module, cfg: SSConfig, tensors: dict[str, mx.array], source: str
+    base: nn.Module,
+    cfg: SSConfig | dict[str, Any],
+    tensors: dict[str, mx.array],
+    source: str = "stream tensors",
 ) -> SSModel:
-    """Validate stream tensors against `base` and wrap it."""
+    """Wrap an already loaded mlx-lm model with speculative streams (validated: names, shapes,
+    finite values). `cfg` is the config's ``speculative_streaming`` block or an SSConfig."""
+    if isinstance(cfg, dict):
+        cfg = SSConfig.from_dict(cfg)
     layers = base.layers
     cfg.check_model(MODEL_REMAPPING.get(base.model_type, base.model_type), len(layers))
     rope = getattr(layers[0].self_attn, "rope", None)
@@ -103,19 +115,25 @@ def attach_streams(
 
 
 def load(
-    path_or_repo: str | Path,
+    path_or_hf_repo: str | Path,
     tokenizer_config: dict[str, Any] | None = None,
-) -> tuple[SSModel, TokenizerWrapper]:
+    model_config: dict[str, Any] | None = None,
+    adapter_path: str | None = None,
+    lazy: bool = False,
+    return_config: bool = False,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[SSModel, TokenizerWrapper] | tuple[SSModel, TokenizerWrapper, dict[str, Any]]:
     """Load an SS model directory: the mlx-lm model plus its speculative streams.
 
-    Args:
-        path_or_repo: a local SS model directory (or a Hub repo, where the hub is reachable).
-        tokenizer_config: passed to mlx-lm's tokenizer loader.
+    Same arguments as ``mlx_lm.load`` (passed on to it for the base model). An `adapter_path`
+    holds LoRA adapters of the trunk (mlx-lm's format); the streams were trained for the
+    trunk without them, so acceptance may drop, but output stays exact for the adapted model.
 
     Returns:
-        (SSModel, TokenizerWrapper)
+        (SSModel, TokenizerWrapper), plus the config dict when `return_config`.
     """
-    model_path = resolve_model_path(path_or_repo)
+    model_path = resolve_model_path(path_or_hf_repo, revision)
     config = read_config(model_path)
     check_supported(config, model_path)
     if CONFIG_KEY not in config:
@@ -127,32 +145,29 @@ def load(
     cfg = SSConfig.from_dict(config[CONFIG_KEY])
     streams_file = model_path / STREAMS_FILE
     if not streams_file.is_file():
-        raise FileNotFoundError(f"{model_path} has a '{CONFIG_KEY}' config but no {STREAMS_FILE}")
+        raise FileNotFoundError(
+            f"{model_path} has a '{CONFIG_KEY}' config but no {STREAMS_FILE} (a tool that "
+            "knows nothing of streams, such as mlx_lm.convert, drops it: quantize with "
+            "`ss-mlx quantize` instead, or copy the file back from the source directory)"
+        )
     try:
         tensors = mx.load(str(streams_file))
-    except Exception as e:
+    except Exception as e:  # mlx raises plain RuntimeError/ValueError for unreadable files
         raise ValueError(f"cannot read {streams_file}: {e}") from None
-    base, tokenizer = mlx_lm.load(str(model_path), tokenizer_config=tokenizer_config)
+    try:
+        base, tokenizer, base_config = mlx_lm.load(
+            str(model_path),
+            tokenizer_config=tokenizer_config,
+            model_config=model_config,
+            adapter_path=adapter_path,
+            lazy=lazy,
+            return_config=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, RuntimeError) as e:  # a truncated or unreadable weight file
+        raise ValueError(f"cannot load the model in {model_path}: {e}") from None
     model = attach_streams(base, cfg, tensors, str(streams_file))
     model.path = model_path  # lets generation find a tree tuned for this model and machine
+    if return_config:
+        return model, tokenizer, base_config
     return model, tokenizer
-
-
-def write_streams(model_dir: Path, cfg: SSConfig, tensors: dict[str, mx.array]) -> None:
-    """Write the stream file and the config block into an existing model directory."""
-    model_dir = Path(model_dir)
-    config = read_config(model_dir)
-    config[CONFIG_KEY] = cfg.to_dict()
-    mx.save_safetensors(str(model_dir / STREAMS_FILE), tensors, metadata={"format": "mlx"})
-    atomic_write_text(model_dir / "config.json", json.dumps(config, indent=2) + "\n")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

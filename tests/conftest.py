@@ -1,6 +1,7 @@
 # ruff: noqa: I001
 import ss_mlx  # noqa: F401  (loads OpenBLAS before mlx.core is first imported)
 import importlib
+import json
 
 import mlx.core as mx
 import numpy as np
@@ -9,7 +10,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from ss_mlx.config import SSConfig
 from ss_mlx.loader import attach_streams, stream_shapes
-from ss_mlx.streams import random_stream_tensors
+from ss_mlx.model.streams import random_stream_tensors
 
 TINY_ARGS = dict(
     hidden_size=64,
@@ -146,3 +147,32 @@ def tiny_model_dir(tmp_path):
     d = tmp_path / "base"
     save_tiny_model_dir(tiny_base("llama"), d)
     return d
+
+
+PROMPTS = ["hello hello hello world", "abcabcabc abc", "the cat sat on the mat, the cat"]
+
+
+def write_medusa(model_dir, num_heads=3, num_layers=1, shared=True, seed=0, dim=64, vocab=128):
+    """Random Medusa heads in the trainer's file format, added to `model_dir`."""
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for k in range(num_heads):
+        for i in range(num_layers):
+            w = rng.standard_normal((dim, dim)) * (1.0 / np.sqrt(dim))
+            tensors[f"medusa_head.{k}.{i}.linear.weight"] = mx.array(w.astype(np.float32))
+            b = rng.standard_normal((dim,)) * 0.1
+            tensors[f"medusa_head.{k}.{i}.linear.bias"] = mx.array(b.astype(np.float32))
+        if not shared:
+            w = rng.standard_normal((vocab, dim)) * (1.0 / np.sqrt(dim))
+            tensors[f"medusa_head.{k}.{num_layers}.weight"] = mx.array(w.astype(np.float32))
+    mx.save_safetensors(str(model_dir / "medusa_heads.safetensors"), tensors)
+    cfg_file = model_dir / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["medusa"] = {"format_version": 1, "num_heads": num_heads, "num_layers": num_layers,
+                     "lm_head": "shared" if shared else "own"}
+    cfg_file.write_text(json.dumps(cfg))
+
+
+def write_prompts(path, prompts=PROMPTS):
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path

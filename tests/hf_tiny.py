@@ -1,6 +1,12 @@
 """Tiny random Hugging Face checkpoints for tests (PyTorch side). Import only from torch tests."""
 
+import json
 from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+from ss_mlx_convert.checkpoint_io import open_checkpoint
 
 TINY_COMMON = dict(
     vocab_size=96,
@@ -83,3 +89,99 @@ def make_tiny_tokenizer(out_dir: Path, chat_template: bool = True) -> Path:
         fast.chat_template = CHATML_TEMPLATE
     fast.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+# ---------------------------------------------------------------- SS checkpoints
+
+STREAMS = "speculative_streams.safetensors"
+LORA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+ADAPTERS = ["self_attn.q_proj", "mlp.down_proj"]
+
+
+def make_ss_checkpoint(
+    d: Path,
+    model_type: str = "llama",
+    *,
+    seed: int = 0,
+    num_streams: int = 3,
+    stream_layers: int = 2,
+    adapter_rank: int = 4,
+    adapter_modules: tuple = tuple(ADAPTERS),
+    prune_rank: int = 0,
+    lora: dict | None = None,
+) -> Path:
+    """What `ss-mlx train --out` writes: HF model + tokenizer + SS block + streams (+ peft LoRA)."""
+    make_tiny_hf(model_type, d, seed)
+    make_tiny_tokenizer(d)
+    block = {
+        "format_version": 1,
+        "num_streams": num_streams,
+        "stream_layers": stream_layers,
+        "stream_position_mode": "shifted",
+        "adapter_rank": adapter_rank,
+        "adapter_scale": 0.5,
+        "adapter_modules": list(adapter_modules) if adapter_rank else [],
+        "prune_rank": prune_rank,
+        "tree": {"widths": [2, 2, 1][:num_streams], "node_budget": None},
+    }
+    config = json.loads((d / "config.json").read_text())
+    config["speculative_streaming"] = block
+    config["ss_training"] = {"mode": "shared" if lora else "lossless"}
+    (d / "config.json").write_text(json.dumps(config, indent=2))
+
+    base = open_checkpoint(d)
+    rng = np.random.default_rng(seed + 100)
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    t = {"stream_embeddings": rng.standard_normal((num_streams, hidden)) * 0.5}
+    for layer in range(layers - stream_layers, layers):
+        for m in block["adapter_modules"]:
+            d_out, d_in = base.shape(f"model.layers.{layer}.{m}.weight")
+            t[f"adapters.{layer}.{m}.a"] = rng.standard_normal((num_streams, d_in, adapter_rank))
+            t[f"adapters.{layer}.{m}.b"] = rng.standard_normal((num_streams, adapter_rank, d_out))
+            t[f"adapters.{layer}.{m}.a"] *= 0.2
+            t[f"adapters.{layer}.{m}.b"] *= 0.2
+    if prune_rank:
+        t["prune.a"] = rng.standard_normal((hidden, prune_rank)) * 0.1
+        t["prune.b"] = rng.standard_normal((prune_rank, hidden)) * 0.1
+    save_file({k: v.astype(np.float32) for k, v in t.items()}, str(d / STREAMS))
+
+    if lora is not None:
+        add_peft_lora(d, seed, **lora)
+    return d
+
+
+def add_peft_lora(d: Path, seed: int, **kw) -> None:
+    """A random (non-zero B) peft LoRA on the base, saved unmerged next to it, as peft does."""
+    import peft
+    import transformers
+
+    torch.manual_seed(seed + 7)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    cfg = dict(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False)
+    cfg.update(kw)
+    pm = peft.get_peft_model(model, peft.LoraConfig(**cfg))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.1)
+    pm.save_pretrained(d)
+
+
+def peft_merged_state(d: Path) -> dict[str, np.ndarray]:
+    import peft
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    if not getattr(model, "_hf_peft_config_loaded", False):
+        model = peft.PeftModel.from_pretrained(model, d)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    else:  # adapter attached by transformers itself
+        for m in model.modules():
+            if hasattr(m, "merge"):
+                m.merge()
+    return {
+        k.replace(".base_layer", ""): v.detach().numpy()
+        for k, v in model.state_dict().items()
+        if "lora_" not in k
+    }

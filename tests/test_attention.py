@@ -2,7 +2,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ss_mlx.attention import rope_at, stream_mask, with_context
+from ss_mlx.model.attention import rope_at, stream_mask, with_context
 
 
 def test_rope_at_equals_rope_on_a_chain():

@@ -3,46 +3,19 @@
 import json
 
 import mlx.core as mx
-import numpy as np
 import pytest
-from conftest import save_tiny_model_dir, tiny_base
+from conftest import PROMPTS, save_tiny_model_dir, tiny_base, write_medusa, write_prompts
 
 import ss_mlx  # noqa: F401  (OpenBLAS before mlx.core)
-from ss_mlx import bench
-from ss_mlx.datasets import DATASETS, DatasetError, encode_prompt, load_prompts
-from ss_mlx.init_model import init_model
+from ss_mlx import tuned
+from ss_mlx.bench import bench
+from ss_mlx.bench.datasets import DATASETS, DatasetError, encode_prompt, load_prompts
+from ss_mlx.bench.machine import describe_machine
+from ss_mlx.drafters.lookup import LookupConfig
+from ss_mlx.drafters.medusa import load_medusa
 from ss_mlx.loader import load
-from ss_mlx.lookup import LookupConfig
-from ss_mlx.machine import describe_machine, machine_key
-from ss_mlx.medusa import load_medusa
-
-PROMPTS = ["hello hello hello world", "abcabcabc abc", "the cat sat on the mat, the cat"]
-
-
-def write_medusa(model_dir, num_heads=3, num_layers=1, shared=True, seed=0, dim=64, vocab=128):
-    """Random Medusa heads in the trainer's file format, added to `model_dir`."""
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for k in range(num_heads):
-        for i in range(num_layers):
-            w = rng.standard_normal((dim, dim)) * (1.0 / np.sqrt(dim))
-            tensors[f"medusa_head.{k}.{i}.linear.weight"] = mx.array(w.astype(np.float32))
-            b = rng.standard_normal((dim,)) * 0.1
-            tensors[f"medusa_head.{k}.{i}.linear.bias"] = mx.array(b.astype(np.float32))
-        if not shared:
-            w = rng.standard_normal((vocab, dim)) * (1.0 / np.sqrt(dim))
-            tensors[f"medusa_head.{k}.{num_layers}.weight"] = mx.array(w.astype(np.float32))
-    mx.save_safetensors(str(model_dir / "medusa_heads.safetensors"), tensors)
-    cfg_file = model_dir / "config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["medusa"] = {"format_version": 1, "num_heads": num_heads, "num_layers": num_layers,
-                     "lm_head": "shared" if shared else "own"}
-    cfg_file.write_text(json.dumps(cfg))
-
-
-def write_prompts(path, prompts=PROMPTS):
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    return path
+from ss_mlx.prepare.init_model import init_model
+from ss_mlx.tuned import machine_key
 
 
 @pytest.fixture(scope="module")
@@ -221,19 +194,18 @@ def test_cli_skips_what_the_model_lacks(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_adds_the_tuned_tree(ss_dir, tmp_path, capsys, monkeypatch):
-    from ss_mlx import tune
 
     monkeypatch.setenv("SS_MLX_HOME", str(tmp_path / "home"))
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:1])
     args = ["--model", str(ss_dir), "--dataset", str(prompts), "--max-tokens", "6",
             "--repeats", "1", "--warmup", "0", "--methods", "ss", "--no-progress"]
-    record = {"schema": tune.SCHEMA, "machine": {"key": tune.machine_key()},
+    record = {"schema": tuned.SCHEMA, "machine": {"key": tuned.machine_key()},
               "tree": {"widths": [2], "node_budget": 1, "rank_probs": [[0.2, 0.5]]}}
-    tune.save_tuned(ss_dir, record)
+    tuned.save_tuned(ss_dir, record)
     bench.main(args)
     assert "| ss[tuned 2:1] | ok |" in capsys.readouterr().out
     record["tree"] = {"widths": [2, 1, 1]}  # the built-in default for 3 streams
-    tune.save_tuned(ss_dir, record)
+    tuned.save_tuned(ss_dir, record)
     bench.main(args)
     assert "same tree as an earlier row" in capsys.readouterr().out
 

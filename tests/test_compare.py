@@ -5,14 +5,13 @@ import json
 import shutil
 
 import pytest
-from conftest import save_tiny_model_dir, tiny_base
-from test_bench import write_medusa
+from conftest import save_tiny_model_dir, tiny_base, write_medusa
 
 import ss_mlx  # noqa: F401  (OpenBLAS before mlx.core)
-from ss_mlx import compare
-from ss_mlx.datasets import DatasetError
-from ss_mlx.init_model import init_model
-from ss_mlx.tasks import EvalItem, eval_items, exact_match, get_task, rouge, train_rows
+from ss_mlx.bench import compare
+from ss_mlx.bench.datasets import DatasetError
+from ss_mlx.bench.tasks import EvalItem, eval_items, exact_match, get_task, rouge, train_rows
+from ss_mlx.prepare.init_model import init_model
 
 pytest.importorskip("rouge_score")
 

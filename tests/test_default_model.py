@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from ss_mlx import default_model as dm
 from ss_mlx.config import CONFIG_KEY, STREAMS_FILE
+from ss_mlx.prepare import default_model as dm
 
 pytest.importorskip("gguf")
-from test_gguf_import import write_tiny_gguf  # noqa: E402  (needs gguf)
+from gguf_tiny import write_tiny_gguf  # noqa: E402  (needs gguf)
 
 STREAMS_BLOCK = {"format_version": 1, "num_streams": 2, "stream_layers": 1}
 

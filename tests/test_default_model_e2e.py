@@ -11,7 +11,7 @@ import pytest
 from mlx_lm.generate import generate_step
 
 import ss_mlx
-from ss_mlx.default_model import DefaultModelError, ensure_default_model, streams_assets_dir
+from ss_mlx.prepare.default_model import DefaultModelError, ensure_default_model, streams_assets_dir
 
 pytestmark = pytest.mark.slow
 

@@ -14,10 +14,10 @@ import mlx.core as mx  # noqa: E402
 # isort: on
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from hf_tiny import make_ss_checkpoint, peft_merged_state  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from ss_mlx_convert.export import ConversionError  # noqa: E402
 from ss_mlx_convert.export_hf import export_hf, main  # noqa: E402
-from test_convert import make_ss_checkpoint, peft_merged_state  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

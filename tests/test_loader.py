@@ -11,7 +11,7 @@ from conftest import save_tiny_model_dir, tiny_base
 
 import ss_mlx
 from ss_mlx.config import STREAMS_FILE
-from ss_mlx.init_model import init_model
+from ss_mlx.prepare.init_model import init_model
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ def _edit_config(d, fn):
 @pytest.mark.parametrize(
     "edit,msg",
     [
-        (lambda c: c.update(model_type="gemma"), "not supported.*llama, qwen2, qwen3, phi3"),
+        (lambda c: c.update(model_type="gemma"), "not supported.*llama, mistral, qwen2, qwen3, phi3"),
         (lambda c: c.pop("speculative_streaming"), "plain model directory"),
         (lambda c: c["speculative_streaming"].update(stream_layers=9), "only 4 layers"),
         (lambda c: c["speculative_streaming"].update(num_streams=0), "num_streams"),

@@ -1,4 +1,4 @@
-"""Prompt-lookup decoding and the plain tree-verification loop: drafting logic and losslessness."""
+"""Prompt lookup as a draft source: drafting logic and losslessness."""
 
 import mlx.core as mx
 import numpy as np
@@ -7,16 +7,14 @@ from conftest import tiny_base
 from mlx_lm.generate import generate_step
 
 import ss_mlx  # noqa: F401  (OpenBLAS before mlx.core)
-from ss_mlx.cache import make_cache
-from ss_mlx.lookup import (
+from ss_mlx.decode.cache import make_cache
+from ss_mlx.drafters.lookup import (
     LookupConfig,
     NgramIndex,
     TreeCache,
     lookup_generate_step,
-    tree_generate_step,
     trie_tree,
 )
-from ss_mlx.tree import TreeSpec, root_only
 
 
 def ar_tokens(base, prompt, n):
@@ -91,28 +89,6 @@ def test_lookup_is_lossless(model_type, configs):
     assert accepted > 0  # random models repeat themselves; lookup catches some of it
 
 
-def test_oracle_drafter_is_fully_accepted():
-    """The loop accepts a draft that is the true continuation, as deep as it goes."""
-    base = tiny_base("llama", seed=2)
-    prompt = list(range(3, 15))
-    expected = ar_tokens(base, prompt, 30)
-    depth = 4
-    chain = TreeSpec([[0] * d for d in range(1, depth + 1)])
-
-    def oracle(history, hidden):
-        done = len(history) - len(prompt)
-        future = expected[done : done + depth]
-        if len(future) < depth:
-            return root_only(), mx.zeros((0,), dtype=mx.int32)
-        return chain, mx.array(future, dtype=mx.int32)
-
-    got = list(tree_generate_step(mx.array(prompt), base, oracle, max_tokens=30))
-    assert [s.token for s in got] == expected
-    # The first pass has the root's draft already: every pass accepts all 4, emits 5.
-    assert [s.accepted for s in got[:25]] == [depth] * 25
-    assert got[-1].step == 5
-
-
 def test_stop_and_continue_from_cache():
     base = tiny_base("llama", seed=3)
     rng = np.random.default_rng(5)
@@ -122,8 +98,11 @@ def test_stop_and_continue_from_cache():
     first = [s.token for s in lookup_generate_step(mx.array(prompt), base, max_tokens=13,
                                                    prompt_cache=cache)]
     assert first == expected[:13]
-    # The cache holds the prompt and all emitted tokens but the last, as mlx-lm's does.
-    assert cache[0].offset == len(prompt) + 12
+    # The cache holds the prompt and all emitted tokens, as mlx-lm's does; to continue the same
+    # sequence, step back one token and feed it again.
+    assert cache[0].offset == len(prompt) + 13
+    for c in cache:
+        c.offset -= 1
     rest = [s.token for s in lookup_generate_step(mx.array(first[-1:]), base, max_tokens=17,
                                                   prompt_cache=cache)]
     assert first + rest == expected
@@ -134,4 +113,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="empty"):
         list(lookup_generate_step(mx.array([], dtype=mx.int32), base))
     with pytest.raises(ValueError, match="max_tokens"):
-        list(lookup_generate_step(mx.array([1, 2]), base, max_tokens=0))
+        list(lookup_generate_step(mx.array([1, 2]), base, max_tokens=2.5))
+    with pytest.raises(ValueError, match="1-D"):
+        list(lookup_generate_step(mx.array([[1, 2]]), base))
+    assert list(lookup_generate_step(mx.array([1, 2]), base, max_tokens=0)) == []

@@ -6,12 +6,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import save_tiny_model_dir, tiny_base
+from conftest import save_tiny_model_dir, tiny_base, write_medusa
 from mlx_lm.generate import generate_step
-from test_bench import write_medusa
 
 import ss_mlx  # noqa: F401  (OpenBLAS before mlx.core)
-from ss_mlx.medusa import MEDUSA_FILE, load_medusa, medusa_generate_step, resolve_medusa_tree
+from ss_mlx.drafters.medusa import (
+    MEDUSA_FILE,
+    load_medusa,
+    medusa_generate_step,
+    resolve_medusa_tree,
+)
 
 
 @pytest.fixture

@@ -5,16 +5,23 @@ import numpy as np
 import pytest
 from conftest import tiny_ss_model
 
-from ss_mlx.cache import commit_path, make_cache
-from ss_mlx.tree import TreeSpec
+from ss_mlx.decode.cache import make_cache
+from ss_mlx.decode.tree import TreeSpec
 
 TOKENS = mx.array([[3, 17, 4, 99, 21, 8, 56, 2, 64, 10]])
+
+
+def tree_pass(m, tokens, positions, mask, cache):
+    """Main logits (T, V) and the logits of every stream at every node (T, G, V)."""
+    out = m.tree_step(tokens, positions, mask, cache, m.num_streams)
+    nodes = range(tokens.shape[0])
+    return out.main_logits, mx.stack([m.stream_logits_at(out, mx.array(i)) for i in nodes])
 
 
 def with_streams(model, seed):
     """The same trunk with different stream parameters."""
     from ss_mlx.loader import attach_streams, stream_shapes
-    from ss_mlx.streams import random_stream_tensors
+    from ss_mlx.model.streams import random_stream_tensors
 
     t = random_stream_tensors(
         stream_shapes(model.base, model.cfg), seed=seed, embed_scale=1.0, adapter_scale=0.5
@@ -37,7 +44,7 @@ def test_main_logits_ignore_stream_parameters(model_type):
     for m in (a, b):
         cache = make_cache(m.base)
         m.base(TOKENS, cache=cache)
-        logits, _ = m.tree_forward(tokens, 10 + spec.depths, spec.ancestor_mask, cache)
+        logits, _ = tree_pass(m, tokens, 10 + spec.depths, spec.ancestor_mask, cache)
         outs.append(np.array(logits))
     assert np.array_equal(outs[0], outs[1])
 
@@ -58,10 +65,10 @@ def test_chain_tree_step_equals_sequence_view(position_mode):
     cache = make_cache(m.base)
     m.base(ctx, cache=cache)
     spec = TreeSpec.parse("1,1,1")
-    logits, stream_h = m.tree_forward(chain, 6 + spec.depths, spec.ancestor_mask, cache)
+    logits, stream_logits = tree_pass(m, chain, 6 + spec.depths, spec.ancestor_mask, cache)
     full_main, full_streams = m.full_forward(TOKENS)
     np.testing.assert_allclose(np.array(logits), np.array(full_main[0, 6:]), atol=1e-4)
-    np.testing.assert_allclose(np.array(m.head(stream_h)), np.array(full_streams[0, 6:]), atol=1e-4)
+    np.testing.assert_allclose(np.array(stream_logits), np.array(full_streams[0, 6:]), atol=1e-4)
 
 
 def test_branching_tree_nodes_see_only_their_ancestors():
@@ -70,13 +77,13 @@ def test_branching_tree_nodes_see_only_their_ancestors():
     tokens = mx.array([7, 20, 30, 21, 31])
     cache = make_cache(m.base)
     m.base(TOKENS[:, :5], cache=cache)
-    logits, stream_h = m.tree_forward(tokens, 5 + spec.depths, spec.ancestor_mask, cache)
+    logits, stream_logits = tree_pass(m, tokens, 5 + spec.depths, spec.ancestor_mask, cache)
     # Node (1,0) = token 31 under 30 under 7: same as the sequence [.., 7, 30, 31].
     seq = mx.concatenate([TOKENS[:, :5], mx.array([[7, 30, 31]])], axis=1)
     full_main, full_streams = m.full_forward(seq)
     np.testing.assert_allclose(np.array(logits[4]), np.array(full_main[0, 7]), atol=1e-4)
     np.testing.assert_allclose(
-        np.array(m.head(stream_h[4])), np.array(full_streams[0, 7]), atol=1e-4
+        np.array(stream_logits[4]), np.array(full_streams[0, 7]), atol=1e-4
     )
 
 
@@ -114,30 +121,15 @@ def test_exit_logits():
         tiny_ss_model("llama").exit_logits(TOKENS)
 
 
-def test_commit_path_compacts_accepted_rows():
-    m = tiny_ss_model("llama")
-    cache = make_cache(m.base)
-    m.base(TOKENS[:, :4], cache=cache)
-    spec = TreeSpec([[0], [1], [1, 0]])
-    tokens = mx.array([5, 6, 7, 8])
-    m.tree_forward(tokens, 4 + spec.depths, spec.ancestor_mask, cache)
-    before = np.array(cache[0].keys[..., :8, :])
-    commit_path(cache, 4, spec.path_table[3], keep=3)  # accept root -> (1,) -> (1,0)
-    after = np.array(cache[0].keys)
-    assert cache[0].offset == 7
-    np.testing.assert_array_equal(after[..., :4, :], before[..., :4, :])
-    np.testing.assert_array_equal(after[..., 4:7, :], before[..., [4, 6, 7], :])
-
-
 def test_plain_tree_forward_matches_ss_main_rows():
-    from ss_mlx.model import plain_tree_forward
+    from ss_mlx.model.ss_model import plain_tree_forward
 
     m = tiny_ss_model("qwen3")
     spec = TreeSpec.parse("2,2")
     tokens = mx.array([5, 6, 7, 8, 9, 10, 11])
     outs = []
     for fn in (
-        lambda c: m.tree_forward(tokens, 10 + spec.depths, spec.ancestor_mask, c)[0],
+        lambda c: tree_pass(m, tokens, 10 + spec.depths, spec.ancestor_mask, c)[0],
         lambda c: plain_tree_forward(m.base, tokens, 10 + spec.depths, spec.ancestor_mask, c)[0],
     ):
         cache = make_cache(m.base)
@@ -149,18 +141,18 @@ def test_plain_tree_forward_matches_ss_main_rows():
 # Shallower than the model's 3 streams (only the first streams are computed), fused head, and
 # separate head calls.
 @pytest.mark.parametrize("tree", ["2", "1,1", "3,3,2"])
-def test_tree_step_stream_logits_match_tree_forward(tree):
+def test_shallow_tree_step_streams_match_all_streams(tree):
     m = tiny_ss_model("llama", adapter_rank=4)
     spec = TreeSpec.parse(tree)
     tokens = mx.arange(spec.num_nodes) + 5
     outs = []
-    for fn in ("tree_forward", "tree_step"):
+    for fn in ("all", "shallow"):
         cache = make_cache(m.base)
         m.base(TOKENS, cache=cache)
         args = (tokens, 10 + spec.depths, spec.ancestor_mask, cache)
-        if fn == "tree_forward":
-            logits, sh = m.tree_forward(*args)
-            outs.append((logits, m.head(sh[:, : spec.depth])))
+        if fn == "all":
+            logits, stream_logits = tree_pass(m, *args)
+            outs.append((logits, stream_logits[:, : spec.depth]))
         else:
             out = m.tree_step(*args, spec.depth)
             assert out.fused == (tree != "3,3,2")
@@ -181,7 +173,7 @@ def test_tree_step_without_streams_keeps_main_logits():
         m.base(TOKENS, cache=cache)
         args = (tokens, 10 + spec.depths, spec.ancestor_mask, cache)
         if depth is None:
-            outs.append(np.array(m.tree_forward(*args)[0]))
+            outs.append(np.array(tree_pass(m, *args)[0]))
         else:
             out = m.tree_step(*args, depth)
             assert out.streams.shape[:2] == (spec.num_nodes, 0)

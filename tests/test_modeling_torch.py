@@ -9,7 +9,8 @@ import torch  # noqa: E402
 from hf_tiny import tiny_hf_config  # noqa: E402
 from ss_mlx_convert.loss import ss_loss  # noqa: E402
 from ss_mlx_convert.modeling import StreamingLM, hf_causal_lm  # noqa: E402
-from ss_mlx_convert.ss_config import ALLOWED_MODULES  # noqa: E402
+
+from ss_mlx.config import ADAPTER_MODULES as ALLOWED_MODULES  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

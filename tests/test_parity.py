@@ -16,10 +16,9 @@ import mlx.core as mx  # noqa: E402
 # isort: on
 import numpy as np  # noqa: E402
 import ss_mlx_convert.parity as parity  # noqa: E402
-from hf_tiny import make_tiny_hf, make_tiny_tokenizer  # noqa: E402
+from hf_tiny import STREAMS, make_ss_checkpoint, make_tiny_hf, make_tiny_tokenizer  # noqa: E402  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 from ss_mlx_convert.export import ConversionError, convert  # noqa: E402
-from test_convert import STREAMS, make_ss_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

@@ -12,11 +12,11 @@ import pytest
 from conftest import tiny_ss_model
 from scipy.stats import chi2
 
-import ss_mlx.rules as rules
+import ss_mlx.decode.verify as rules
 from ss_mlx import ss_generate_step
-from ss_mlx.sampling import SamplerConfig, gumbel_top_k, target_logprobs
-from ss_mlx.tree import TreeSpec
-from ss_mlx.verify import match_verify, rrs_verify
+from ss_mlx.decode.sampling import SamplerConfig, gumbel_top_k, target_logprobs
+from ss_mlx.decode.tree import TreeSpec
+from ss_mlx.decode.verify import match_verify, rrs_verify
 
 ALPHA = 1e-3  # false-alarm rate of each goodness-of-fit check
 
@@ -265,7 +265,7 @@ def test_processors_match_mlx_lm():
 
 def test_coarse_groups_and_rule():
     """Coarse acceptance: groups from embeddings; theta = 1 gives singleton groups."""
-    from ss_mlx.coarse import CoarseGroups
+    from ss_mlx.decode.coarse import CoarseGroups
 
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(6, 4)).astype(np.float32)
@@ -304,8 +304,8 @@ def test_coarse_rule_runs_and_is_labelled(tmp_path, monkeypatch):
 def test_coarse_with_singleton_groups_is_exact_on_a_chain():
     """theta = 1 makes every group a single token: on a chain the rule is then ordinary
     speculative sampling, so the same goodness-of-fit check must pass."""
-    from ss_mlx.coarse import CoarseGroups
-    from ss_mlx.verify import coarse_verify
+    from ss_mlx.decode.coarse import CoarseGroups
+    from ss_mlx.decode.verify import coarse_verify
 
     groups = CoarseGroups.build(np.eye(5, dtype=np.float32), theta=1.0)
     table, logq = markov_problem(5, seed=11, cfg=CONFIGS["temp"])

@@ -2,7 +2,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from ss_mlx.tree import TreeSpec, default_tree, root_only
+from ss_mlx.decode.tree import TreeSpec, default_tree, root_only
 
 
 def test_hand_built_tree_buffers():

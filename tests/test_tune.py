@@ -3,21 +3,19 @@
 import itertools
 import json
 import math
-import shutil
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import save_tiny_model_dir, tiny_base, tiny_ss_model
-from test_bench import write_prompts
+from conftest import save_tiny_model_dir, tiny_base, tiny_ss_model, write_prompts
 
 import ss_mlx  # noqa: F401  (OpenBLAS before mlx.core)
-from ss_mlx import tune
-from ss_mlx.config import STREAMS_FILE
-from ss_mlx.generate import ss_generate_step
-from ss_mlx.init_model import init_model
+from ss_mlx import tuned
+from ss_mlx.bench import tune
+from ss_mlx.decode.tree import TreeSpec
+from ss_mlx.generation import ss_generate_step
 from ss_mlx.loader import load
-from ss_mlx.tree import TreeSpec
+from ss_mlx.prepare.init_model import init_model
 
 PROBS = [[0.6, 0.2, 0.1, 0.05], [0.5, 0.2, 0.1, 0.05], [0.4, 0.2, 0.1, 0.05]]
 
@@ -134,35 +132,6 @@ def test_measure_ranks_over_prompts():
     assert ranks.shape == (12, 2) and ranks.min() >= 0
 
 
-def test_model_hash_and_storage(tmp_path, monkeypatch):
-    monkeypatch.setenv("SS_MLX_HOME", str(tmp_path / "home"))
-    save_tiny_model_dir(tiny_base("llama"), tmp_path / "base")
-    d = init_model(tmp_path / "base", tmp_path / "ss", streams=2, stream_layers=1)
-    h = tune.model_hash(d)
-    shutil.copytree(d, tmp_path / "copy")
-    assert tune.model_hash(tmp_path / "copy") == h  # content, not path
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["speculative_streaming"]["tree"] = {"widths": [2, 1]}
-    (d / "config.json").write_text(json.dumps(cfg))
-    assert tune.model_hash(d) == h  # the default tree is what tuning replaces
-    data = bytearray((tmp_path / "copy" / STREAMS_FILE).read_bytes())
-    data[-1] ^= 1
-    (tmp_path / "copy" / STREAMS_FILE).write_bytes(bytes(data))
-    assert tune.model_hash(tmp_path / "copy") != h
-
-    assert tune.load_tuned_tree(d) is None
-    tree = {"widths": [2, 1], "node_budget": 2, "rank_probs": [[0.5, 0.2], [0.4, 0.1]]}
-    record = {"schema": tune.SCHEMA, "tree": tree, "machine": {"key": tune.machine_key()}}
-    path = tune.save_tuned(d, record)
-    assert path.parent == tmp_path / "home" / "tuned" and path.name.startswith(h)
-    assert tune.load_tuned_tree(d) == tree
-    assert tune.load_tuned_tree(tmp_path / "copy") is None
-    tune.save_tuned(d, dict(record, tree={"widths": [0]}))
-    assert tune.load_tuned_tree(d) is None
-    path.write_text("{not json")
-    assert tune.load_tuned_tree(d) is None
-
-
 def test_cli_tunes_saves_and_the_tree_generates(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SS_MLX_HOME", str(tmp_path / "home"))
     save_tiny_model_dir(tiny_base("llama"), tmp_path / "base")
@@ -178,7 +147,7 @@ def test_cli_tunes_saves_and_the_tree_generates(tmp_path, monkeypatch, capsys):
     assert record["verify_cost"]["T"] == [1, 2, 3, 4]
     assert record["choice"]["num_nodes"] <= 4
     assert len(record["acceptance"]["rank_probs"]) == 3
-    tree = tune.load_tuned_tree(d)
+    tree = tuned.load_tuned_tree(d)
     assert tree == record["tree"]
     model, _ = load(d)
     prompt = mx.array([5, 6, 7, 8])

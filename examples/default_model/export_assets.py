@@ -11,8 +11,8 @@ from pathlib import Path
 import ss_mlx  # noqa: F401  (OpenBLAS before mlx.core)
 import mlx.core as mx
 from ss_mlx.config import CONFIG_KEY, STREAMS_FILE
-from ss_mlx.default_model import STREAMS_ASSET, STREAMS_CONFIG_ASSET
-from ss_mlx.tree import TreeSpec
+from ss_mlx.prepare.default_model import STREAMS_ASSET, STREAMS_CONFIG_ASSET
+from ss_mlx.decode.tree import TreeSpec
 
 
 def main() -> None:

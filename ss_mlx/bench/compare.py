@@ -32,14 +32,13 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..files import dump_json, savefig, write_text
 from .bench import (
     Method,
     Run,
     ar_method,
-    atomic_write,
     check_parity,
     draft_method,
-    dump_json,
     medusa_method,
     run_benchmark,
     ss_method,
@@ -79,8 +78,8 @@ def build_methods(
     """The methods, per method its model and reference (``info``), and the baseline tokenizer."""
     import mlx_lm
 
-    from .loader import load
-    from .medusa import load_medusa
+    from ..drafters.medusa import load_medusa
+    from ..loader import load
 
     base, tokenizer = mlx_lm.load(str(models.baseline))
     ss_model, ss_tokenizer = load(models.ss)
@@ -261,7 +260,6 @@ def plot_reports(reports: list[dict[str, Any]], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .bench import atomic_savefig
 
     fig, axes = plt.subplots(1, len(reports), figsize=(5.5 * len(reports), 4.2), squeeze=False)
     for ax, rep in zip(axes[0], reports, strict=True):
@@ -277,7 +275,7 @@ def plot_reports(reports: list[dict[str, Any]], path: str | Path) -> None:
         ax.set_title(f"{rep['task']['name']} (under each method: {metric})", fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_savefig(fig, path)
+    savefig(fig, path)
     plt.close(fig)
 
 
@@ -332,9 +330,9 @@ def main(argv: list[str] | None = None) -> None:
     text = format_task(report)
     print(text, end="")
     if args.markdown:
-        atomic_write(args.markdown, text)
+        write_text(args.markdown, text)
     if args.json:
-        atomic_write(args.json, dump_json(report))
+        write_text(args.json, dump_json(report))
     if args.plot:
         plot_reports([report], args.plot)
 

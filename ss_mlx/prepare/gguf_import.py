@@ -14,20 +14,18 @@ written.
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
-import os
-import secrets
 import shutil
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
+
+from ..files import check_out_dir, make_temp_dir, publish_dir, write_json
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -561,34 +559,6 @@ def tokenizer_config(md: dict[str, Any], config: dict[str, Any]) -> dict[str, An
 # driver
 
 
-def publish_dir(tmp: Path, out_dir: Path, overwrite: bool = False) -> None:
-    """Move the finished temp dir to out_dir; an existing out_dir is replaced only if allowed."""
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} exists and is not empty (use overwrite / --force)")
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            os.replace(old / out_dir.name, out_dir)  # put the previous directory back
-            old.rmdir()
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.replace(tmp, out_dir)
-
-
-def make_temp_dir(out_dir: Path) -> Path:
-    # Next to out_dir (same filesystem, so the final rename is atomic); mkdir honours the umask,
-    # unlike tempfile.mkdtemp's 0700.
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    return tmp
-
-
 def import_gguf(
     gguf_path: str | Path,
     out_dir: str | Path,
@@ -605,6 +575,7 @@ def import_gguf(
     FileExistsError (a non-empty `out_dir` without `overwrite`).
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    check_out_dir(out_dir, gguf_path)
     dtype = dtype or default_dtype()
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
@@ -621,21 +592,17 @@ def import_gguf(
         weights = load_tensors(gguf_path, header, config, dtype, progress=progress)
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
         del weights
-        _write_json(tmp / "config.json", {**config, "torch_dtype": dtype})
+        write_json(tmp / "config.json", {**config, "torch_dtype": dtype})
         tokenizer.save(str(tmp / "tokenizer.json"))
-        _write_json(tmp / "tokenizer_config.json", tokenizer_config(header.metadata, config))
+        write_json(tmp / "tokenizer_config.json", tokenizer_config(header.metadata, config))
         gen = {
             k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config
         }
-        _write_json(tmp / "generation_config.json", gen)
+        write_json(tmp / "generation_config.json", gen)
         publish_dir(tmp, out_dir, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,12 +9,18 @@ overwritten by the next step.
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models import cache as mlx_cache
+from mlx_lm.models.cache import KVCache
+
+
+def make_prompt_cache(model: Any) -> list[KVCache]:
+    """A fresh prompt cache for an SS model or its mlx-lm base (mlx-lm's function, checked)."""
+    return make_cache(getattr(model, "base", model))
 
 
 def make_cache(base: Any) -> list[KVCache]:
     """A fresh prompt cache for `base`, refusing caches a tree step cannot rewind."""
-    cache = make_prompt_cache(base)
+    cache = mlx_cache.make_prompt_cache(base)
     check_cache(cache)
     return cache
 
@@ -43,6 +49,7 @@ def commit_path(cache: list[KVCache], start: int, path: mx.array, keep: int) -> 
         c.offset = start + keep
 
 
-def trim(cache: list[KVCache], n: int) -> None:
+def rewind(cache: list[KVCache], offset: int) -> None:
+    """Drop every row at or past `offset` (rows past a layer's offset are overwritten later)."""
     for c in cache:
-        c.offset -= min(n, c.offset)
+        c.offset = min(c.offset, offset)

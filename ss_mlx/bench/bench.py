@@ -28,19 +28,20 @@ Definitions (per method, over all prompts):
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from ..decode.loop import StepToken
+from ..files import dump_json, savefig, write_text
 
 SCHEMA = "ss-mlx-bench/1"
 BASELINE = "ar"
@@ -49,16 +50,7 @@ DEFAULT_METHODS = "ar,ss,draft,lookup,medusa"
 DEFAULT_NUM_DRAFT = 3  # mlx_lm.generate's CLI default
 
 
-class Emitted(NamedTuple):
-    """One token from a method's generator."""
-
-    token: int
-    step: int  # target forward pass that produced it (0 = the first pass after prefill)
-    accepted: int  # draft tokens accepted in that pass
-    drafted: int  # depth of the draft that pass verified (0 = none)
-
-
-GenerateFn = Callable[[mx.array, int], Iterator[Emitted]]
+GenerateFn = Callable[[mx.array, int], Iterator[StepToken]]
 
 
 @dataclass
@@ -68,7 +60,7 @@ class Method:
     Args:
         name: its row label (unique).
         kind: one of ``METHODS``.
-        generate: ``(prompt (L,), max_tokens) -> Emitted`` generator, greedy.
+        generate: ``(prompt (L,), max_tokens) -> StepToken`` generator, greedy.
         depth: deepest draft it verifies (acceptance columns).
         extra_param_bytes: parameter memory it adds to the target model.
         config: its settings, for the report.
@@ -113,9 +105,9 @@ def ar_method(base: nn.Module) -> Method:
     """mlx-lm's own greedy autoregressive decoding."""
     from mlx_lm.generate import generate_step
 
-    def gen(prompt: mx.array, max_tokens: int) -> Iterator[Emitted]:
+    def gen(prompt: mx.array, max_tokens: int) -> Iterator[StepToken]:
         for i, (token, _) in enumerate(generate_step(prompt, base, max_tokens=max_tokens)):
-            yield Emitted(int(token), i, 0, 0)
+            yield StepToken(int(token), False, 0, i, 0)
 
     return Method("ar", "ar", gen, config={"impl": "mlx_lm.generate.generate_step"})
 
@@ -139,13 +131,12 @@ def tree_label(tree: Any) -> str:
 
 def ss_method(model: Any, tree: Any = None, name: str | None = None) -> Method:
     """Speculative Streaming with one draft tree (default: the model's)."""
-    from .generate import resolve_tree, ss_generate_step
+    from ..generation import resolve_tree, ss_generate_step
 
     spec = resolve_tree(model, tree)
 
-    def gen(prompt: mx.array, max_tokens: int) -> Iterator[Emitted]:
-        for st in ss_generate_step(prompt, model, tree=spec, max_tokens=max_tokens):
-            yield Emitted(st.token, st.step, st.accepted, spec.depth if st.step else 0)
+    def gen(prompt: mx.array, max_tokens: int) -> Iterator[StepToken]:
+        yield from ss_generate_step(prompt, model, tree=spec, max_tokens=max_tokens)
 
     extra = sum(v.nbytes for v in model.streams.tensors().values())
     return Method(
@@ -162,7 +153,7 @@ def draft_method(base: nn.Module, draft: nn.Module, num_draft: int = DEFAULT_NUM
     """mlx-lm's speculative decoding (a chain of `num_draft` tokens from `draft`)."""
     from mlx_lm.generate import speculative_generate_step
 
-    def gen(prompt: mx.array, max_tokens: int) -> Iterator[Emitted]:
+    def gen(prompt: mx.array, max_tokens: int) -> Iterator[StepToken]:
         step = emitted = 0
         pending: list[int] = []
         for token, _, from_draft in speculative_generate_step(
@@ -174,13 +165,13 @@ def draft_method(base: nn.Module, draft: nn.Module, num_draft: int = DEFAULT_NUM
             # mlx-lm evaluates a whole pass before yielding it, so holding its tokens until
             # the pass ends costs no time and gives each token its pass's accepted count.
             drafted = min(num_draft, max_tokens - emitted)
-            for t in pending:
-                yield Emitted(t, step, len(pending) - 1, drafted)
+            for i, t in enumerate(pending):
+                yield StepToken(t, i < len(pending) - 1, len(pending) - 1, step, drafted)
             emitted += len(pending)
             pending = []
             step += 1
         for t in pending:  # stopped at max_tokens inside an accepted run
-            yield Emitted(t, step, len(pending), min(num_draft, max_tokens - emitted))
+            yield StepToken(t, True, len(pending), step, min(num_draft, max_tokens - emitted))
 
     return Method(name, "draft", gen, depth=num_draft, extra_param_bytes=extra_param_bytes,
                   config={"impl": "mlx_lm.generate.speculative_generate_step",
@@ -213,13 +204,12 @@ def truncated_draft(model_dir: str | Path, base: nn.Module, layers: int) -> nn.M
 
 def lookup_method(base: nn.Module, config: Any = None) -> Method:
     """Prompt-lookup decoding verified by plain tree passes."""
-    from .lookup import LookupConfig, lookup_generate_step
+    from ..drafters.lookup import LookupConfig, lookup_generate_step
 
     config = config or LookupConfig()
 
-    def gen(prompt: mx.array, max_tokens: int) -> Iterator[Emitted]:
-        for st in lookup_generate_step(prompt, base, config=config, max_tokens=max_tokens):
-            yield Emitted(st.token, st.step, st.accepted, st.draft_depth)
+    def gen(prompt: mx.array, max_tokens: int) -> Iterator[StepToken]:
+        yield from lookup_generate_step(prompt, base, config=config, max_tokens=max_tokens)
 
     label = f"lookup[{config.max_depth}x{config.num_candidates}]"
     return Method(label, "lookup", gen, depth=config.max_depth, config=asdict(config))
@@ -227,13 +217,12 @@ def lookup_method(base: nn.Module, config: Any = None) -> Method:
 
 def medusa_method(base: nn.Module, heads: Any, tree: Any = None) -> Method:
     """Medusa heads drafting a static tree, verified by plain tree passes."""
-    from .medusa import medusa_generate_step, resolve_medusa_tree
+    from ..drafters.medusa import medusa_generate_step, resolve_medusa_tree
 
     spec = resolve_medusa_tree(heads, tree)
 
-    def gen(prompt: mx.array, max_tokens: int) -> Iterator[Emitted]:
-        for st in medusa_generate_step(prompt, base, heads, tree=spec, max_tokens=max_tokens):
-            yield Emitted(st.token, st.step, st.accepted, st.draft_depth)
+    def gen(prompt: mx.array, max_tokens: int) -> Iterator[StepToken]:
+        yield from medusa_generate_step(prompt, base, heads, tree=spec, max_tokens=max_tokens)
 
     return Method(
         f"medusa[{tree_label(tree) if tree else ','.join(map(str, spec.widths))}]", "medusa",
@@ -277,7 +266,7 @@ def run_once(method: Method, prompt: mx.array, max_tokens: int, eos: set[int],
                 first_pass_tokens += 1
             t_last = now
             tokens.append(e.token)
-            passes[e.step] = (e.accepted, e.drafted)
+            passes[e.step] = (e.accepted, e.draft_depth)
             if e.token in eos or len(tokens) == max_tokens:
                 break
     finally:
@@ -612,48 +601,6 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def dump_json(obj: Any, indent: int = 1) -> str:
-    """JSON with nested objects indented but lists of numbers on one line (token ids, per-pass
-    counts and timings would otherwise take a line each)."""
-
-    def enc(o: Any, level: int) -> str:
-        pad, inner = " " * (indent * level), " " * (indent * (level + 1))
-        if isinstance(o, dict):
-            if not o:
-                return "{}"
-            items = [f"{inner}{json.dumps(str(k))}: {enc(v, level + 1)}" for k, v in o.items()]
-            return "{\n" + ",\n".join(items) + "\n" + pad + "}"
-        if isinstance(o, (list, tuple)):
-            if all(not isinstance(v, (dict, list, tuple)) for v in o):
-                return json.dumps(list(o))
-            return "[\n" + ",\n".join(inner + enc(v, level + 1) for v in o) + "\n" + pad + "]"
-        return json.dumps(o)
-
-    return enc(obj, 0) + "\n"
-
-
-def atomic_savefig(fig: Any, path: str | Path) -> None:
-    """Save a matplotlib figure as PNG via a temp file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write(path: str | Path, text: str) -> None:
-    from .loader import atomic_write_text
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
-
-
 def plot_report(report: dict[str, Any], path: str | Path) -> None:
     """PNG: decode tok/s per method, acceptance by depth, and the verify-cost curve if known."""
     import matplotlib
@@ -704,7 +651,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
     ds = report.get("dataset", {}).get("name", "")
     fig.suptitle(f"ss-mlx bench: {report.get('model', {}).get('path', '')} on {ds}", fontsize=9)
     fig.tight_layout()
-    atomic_savefig(fig, path)
+    savefig(fig, path)
     plt.close(fig)
 
 
@@ -769,8 +716,8 @@ def _load_target(model_dir: Path) -> tuple[Any, nn.Module, Any, dict[str, Any]]:
     """(SSModel or None, the mlx-lm base model, tokenizer, config) from one load."""
     import mlx_lm
 
-    from .config import CONFIG_KEY
-    from .loader import load, read_config
+    from ..config import CONFIG_KEY
+    from ..loader import load, read_config
 
     config = read_config(model_dir)
     if CONFIG_KEY in config:
@@ -792,10 +739,10 @@ def _parse_methods(text: str) -> list[str]:
 def build_methods(args: argparse.Namespace, model_dir: Path, ss_model: Any, base: nn.Module,
                   config: dict[str, Any]) -> tuple[list[Method], list[dict[str, str]]]:
     """The methods the arguments ask for, and the ones skipped with the reason."""
-    from .lookup import LookupConfig
-    from .medusa import load_medusa
-    from .tree import default_tree
-    from .tune import load_tuned
+    from ..decode.tree import default_tree
+    from ..drafters.lookup import LookupConfig
+    from ..drafters.medusa import load_medusa
+    from ..tuned import load_tuned
 
     methods, skipped = [], []
     for kind in _parse_methods(args.methods):
@@ -860,8 +807,8 @@ def build_methods(args: argparse.Namespace, model_dir: Path, ss_model: Any, base
 
 def _model_info(model_dir: Path, base: nn.Module, config: dict[str, Any], ss_model: Any
                 ) -> dict[str, Any]:
-    from .config import CONFIG_KEY
-    from .tune import model_hash
+    from ..config import CONFIG_KEY
+    from ..tuned import model_hash
 
     q = config.get("quantization")
     return {
@@ -879,13 +826,13 @@ def _model_info(model_dir: Path, base: nn.Module, config: dict[str, Any], ss_mod
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = setup_arg_parser().parse_args(argv)
+    from ..loader import resolve_model_path
     from .datasets import DatasetError, encode_prompt, load_prompts
-    from .loader import resolve_model_path
     from .machine import describe_machine
 
     try:
         if args.model is None:
-            from .default_model import ensure_default_model
+            from ..prepare.default_model import ensure_default_model
 
             args.model = ensure_default_model()
         model_dir = resolve_model_path(args.model)
@@ -911,7 +858,7 @@ def main(argv: list[str] | None = None) -> None:
                                           progress=progress)
         verify_cost["source"] = "measured in this run"
     else:
-        from .tune import load_tuned, tuned_path
+        from ..tuned import load_tuned, tuned_path
 
         tuned = load_tuned(model_dir)
         if tuned is not None and tuned.get("verify_cost"):
@@ -937,9 +884,9 @@ def main(argv: list[str] | None = None) -> None:
     text = format_report(report)
     print(text, end="")
     if args.markdown:
-        atomic_write(args.markdown, text)
+        write_text(args.markdown, text)
     if args.json:
-        atomic_write(args.json, dump_json(report))
+        write_text(args.json, dump_json(report))
     if args.plot:
         plot_report(report, args.plot)
 

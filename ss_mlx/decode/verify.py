@@ -16,13 +16,25 @@ the same sampler):
 Relaxed rules (NOT exact; opt-in, labelled as such in responses):
 
 * `typical_verify`: Medusa's typical acceptance (posterior threshold / alpha).
+* `coarse_verify`: PCG-style acceptance over embedding-cosine token groups.
+
+`AcceptRule` picks one of them for a generation and drafts to match it: an exact rule at
+temperature > 0 constrains how a draft is made (`rrs` needs children drawn from the draft
+distribution without replacement; the other rules take the draft's top-k).
 """
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 
+from .coarse import CoarseGroups
+from .sampling import SamplerConfig, gumbel_top_k, target_logprobs
 from .tree import TreeSpec
+
+EXACT_RULES = ("greedy", "simple", "rrs")
+RELAXED_RULES = ("typical", "coarse")
+ACCEPT_RULES = ("auto",) + EXACT_RULES + RELAXED_RULES
 
 
 class Verdict(NamedTuple):
@@ -163,9 +175,9 @@ def coarse_verify(
     logp: mx.array,
     candidates: mx.array,
     logq: mx.array,
-    groups,
+    groups: CoarseGroups,
 ) -> Verdict:
-    """PCG-style coarse-grained acceptance (NOT exact; see ss_mlx/coarse.py).
+    """PCG-style coarse-grained acceptance (NOT exact; see coarse.py).
 
     Each child is tested on a random group of its token, min(1, P_c(g) / Q_c(g)), against its
     parent's coarse target; a parent descends to its first passing child in rank order. The
@@ -198,3 +210,96 @@ def coarse_verify(
     return Verdict(
         best, tree.depths[best], tree.path_table[best], mx.where(use_groups, from_groups, plain)
     )
+
+
+# ---------------------------------------------------------------- choosing a rule, drafting for it
+
+
+@dataclass(frozen=True)
+class TypicalParams:
+    """Medusa's typical acceptance: accept p(x) > min(threshold, alpha * exp(-H))."""
+
+    threshold: float = 0.09
+    alpha: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"typical threshold must be in (0, 1], got {self.threshold!r}")
+        if not 0 < self.alpha:
+            raise ValueError(f"typical alpha must be > 0, got {self.alpha!r}")
+
+
+class Draft(NamedTuple):
+    """A draft tree to verify: its topology, its (T - 1,) tokens in node order, and what an exact
+    rule needs to test them (the (D, K) candidates and (D, V) log q for "rrs"/"coarse", else
+    None)."""
+
+    tree: TreeSpec
+    tokens: mx.array
+    state: Any = None
+
+
+@dataclass(frozen=True)
+class AcceptRule:
+    """The acceptance rule of one generation, with what it needs."""
+
+    name: str
+    sampler: SamplerConfig
+    typical: TypicalParams = TypicalParams()
+    groups: CoarseGroups | None = None
+
+    @property
+    def needs_distribution(self) -> bool:
+        """Whether drafts must come with their distribution q."""
+        return self.name in ("rrs", "coarse")
+
+    def verify(self, draft: Draft, tokens: mx.array, main_logits: mx.array) -> Verdict:
+        """Apply the rule to one tree. tokens: (T,) root + draft; main_logits: (T, V) after
+        logits processors."""
+        tree, sampler = draft.tree, self.sampler
+        if self.name == "greedy":
+            return greedy_verify(tree, tokens, main_logits)
+        if self.name == "typical":
+            logp = (
+                main_logits - mx.logsumexp(main_logits, axis=-1, keepdims=True)
+                if sampler.greedy
+                else target_logprobs(main_logits, sampler)
+            )
+            return typical_verify(
+                tree, tokens, logp, self.typical.threshold, self.typical.alpha, sampler.greedy
+            )
+        logp = target_logprobs(main_logits, sampler)
+        if self.name == "simple" or draft.state is None:
+            # A tree without its draft distribution (the first pass, or a source that has
+            # none): any exact rule reduces to matching independent draws.
+            return match_verify(tree, tokens, logp)
+        candidates, logq = draft.state
+        if self.name == "coarse":
+            return coarse_verify(tree, tokens, logp, candidates, logq, self.groups)
+        return rrs_verify(tree, tokens, logp, candidates, logq)
+
+    def draft(self, tree: TreeSpec, draft_logits: mx.array) -> Draft:
+        """Fill `tree` from per-depth draft logits (D, V) of the accepted node."""
+        if not self.needs_distribution:
+            return Draft(tree, tree.draft_tokens(draft_logits))
+        logq = target_logprobs(draft_logits[: tree.depth], self.sampler)  # (D, V)
+        candidates = gumbel_top_k(logq, tree.max_width)  # (D, K)
+        return Draft(tree, tree.fill(candidates), (candidates, logq))
+
+
+def resolve_rule(rule: str, sampler: SamplerConfig, has_distribution: bool = True) -> str:
+    """'auto' is greedy at temp 0 and recursive rejection sampling (measured best) above; a
+    draft source without a distribution falls back to the exact rule that needs none."""
+    if rule not in ACCEPT_RULES:
+        raise ValueError(f"accept_rule must be one of {ACCEPT_RULES}, got {rule!r}")
+    if rule == "auto":
+        rule = "greedy" if sampler.greedy else "rrs"
+    if rule == "greedy" and not sampler.greedy:
+        raise ValueError("accept_rule 'greedy' needs temp = 0")
+    if rule == "coarse" and sampler.greedy:
+        raise ValueError("accept_rule 'coarse' compares probabilities: it needs temp > 0")
+    if rule in ("simple", "rrs") and sampler.greedy:
+        return "greedy"  # at temp 0 every exact rule is the greedy rule
+    if rule in ("rrs", "coarse") and not has_distribution:
+        return "simple"
+    return rule

@@ -16,6 +16,11 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+# The most nodes a draft tree may have, the root included. A pass over T nodes with G streams
+# runs T * (1 + G) rows and a mask of that size squared: past a few hundred nodes a step costs
+# seconds and gigabytes, and no measured machine gains from trees a tenth that size.
+MAX_NODES = 256
+
 
 class TreeSpec:
     """A draft-tree topology and its precomputed buffers.
@@ -83,15 +88,24 @@ class TreeSpec:
         widths = list(widths)
         if not widths or any(not _is_int(k) or k < 1 for k in widths):
             raise ValueError(f"tree widths must be positive integers, got {widths!r}")
+        full = sum(math.prod(widths[:d]) for d in range(1, len(widths) + 1))
+        if node_budget is None and full + 1 > MAX_NODES:
+            raise ValueError(
+                f"tree widths {widths} give {full + 1} nodes; at most {MAX_NODES} are allowed "
+                "(add a node budget, e.g. '8,4,2:32')"
+            )
+        if full > 100 * MAX_NODES**2:  # enumerating the product alone would take too long
+            raise ValueError(f"tree widths {widths} are too wide to choose a budget from")
         paths = [
             p
             for d in range(1, len(widths) + 1)
             for p in itertools.product(*(range(k) for k in widths[:d]))
         ]
         if node_budget is not None:
-            if not _is_int(node_budget) or node_budget < 1:
+            if not _is_int(node_budget) or not 1 <= node_budget < MAX_NODES:
                 raise ValueError(
-                    f"tree node_budget must be a positive integer, got {node_budget!r}"
+                    f"tree node_budget must be an integer in [1, {MAX_NODES - 1}], "
+                    f"got {node_budget!r}"
                 )
             # Prior: deeper streams are less accurate; lower ranks much less likely.
             probs = rank_probs or [
@@ -178,6 +192,10 @@ def _is_int(x: Any) -> bool:
 def _validate_paths(paths: Sequence[Sequence[int]]) -> tuple[tuple[int, ...], ...]:
     if isinstance(paths, (str, bytes)) or not isinstance(paths, Sequence):
         raise ValueError(f"tree paths must be a list of lists of ranks, got {paths!r}")
+    if len(paths) + 1 > MAX_NODES:
+        raise ValueError(
+            f"the tree has {len(paths) + 1} nodes; at most {MAX_NODES} are allowed"
+        )
     nodes = []
     for p in paths:
         if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) == 0:
@@ -205,3 +223,21 @@ def default_tree(num_streams: int) -> TreeSpec:
     two candidates at each depth, one branch each."""
     widths = [2] + [1] * max(0, num_streams - 1)
     return TreeSpec.from_widths(widths[:num_streams])
+
+
+def as_tree(tree: "TreeSpec | str | dict", max_depth: int, source: str) -> TreeSpec:
+    """A tree argument (TreeSpec, CLI string, or dict) as a TreeSpec no deeper than
+    `max_depth` (the draft depths `source` can provide)."""
+    if isinstance(tree, TreeSpec):
+        spec = tree
+    elif isinstance(tree, str):
+        spec = TreeSpec.parse(tree)
+    elif isinstance(tree, dict):
+        spec = TreeSpec.from_dict(tree)
+    else:
+        raise ValueError(f"tree must be a TreeSpec, a spec string or a dict, got {type(tree)}")
+    if spec.depth > max_depth:
+        raise ValueError(
+            f"the draft tree is {spec.depth} deep but there are only {max_depth} {source}"
+        )
+    return spec

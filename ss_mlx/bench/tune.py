@@ -13,13 +13,11 @@ Two measurements, then a choice:
    tokens per pass / relative cost of their size; the best is saved for (model, machine).
 
 Saved as JSON under ``$SS_MLX_HOME`` (else ``$XDG_CACHE_HOME/ss-mlx``, else ``~/.cache/ss-mlx``)
-in ``tuned/<model-hash>-<machine-hash>.json``; :func:`load_tuned_tree` reads it back.
+in ``tuned/<model-hash>-<machine-hash>.json``; :func:`ss_mlx.tuned.load_tuned_tree` reads it back.
 """
 
 import argparse
-import hashlib
 import heapq
-import json
 import math
 import sys
 import time
@@ -31,13 +29,13 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .cache import make_cache
-from .config import CONFIG_KEY, STREAMS_FILE
-from .machine import describe_machine, machine_key, summary_line
-from .model import SSModel, plain_tree_forward
-from .tree import TreeSpec
+from ..decode.cache import make_cache
+from ..decode.tree import TreeSpec
+from ..files import dump_json, savefig, write_text
+from ..model.ss_model import SSModel, plain_tree_forward
+from ..tuned import SCHEMA, machine_key, model_hash, save_tuned
+from .machine import describe_machine, summary_line
 
-SCHEMA = "ss-mlx-tuned/1"
 DEFAULT_MAX_T = 64
 DEFAULT_MAX_WIDTH = 4
 RANK_WIDTH = 8  # ranks >= this count as "not in the top ranks"
@@ -53,80 +51,6 @@ FALLBACK_PROMPTS = (
     "Write a haiku about autumn.",
     "How do vaccines train the immune system?",
 )
-
-
-# ------------------------------------------------------------------ keys and storage
-
-
-def model_hash(model_dir: str | Path) -> str:
-    """A short hash identifying a model directory's content, independent of its path.
-
-    Covers config.json (minus the stream config's default ``tree``, which tuning replaces),
-    the stream parameters' bytes, and the names and sizes of the weight files (hashing
-    gigabytes of weights on every load would be too slow; a fine-tune changes the streams).
-    """
-    model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    if isinstance(config.get(CONFIG_KEY), dict):
-        config[CONFIG_KEY] = {k: v for k, v in config[CONFIG_KEY].items() if k != "tree"}
-    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    streams = model_dir / STREAMS_FILE
-    if streams.is_file():
-        h.update(streams.read_bytes())
-    for f in sorted(model_dir.glob("model*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()[:16]
-
-
-def tuned_dir(home: str | Path | None = None) -> Path:
-    from .default_model import cache_root
-
-    return cache_root(home) / "tuned"
-
-
-def tuned_path(model_dir: str | Path, machine: str | None = None,
-               home: str | Path | None = None) -> Path:
-    """Where the tuned tree of this model on this machine lives."""
-    return tuned_dir(home) / f"{model_hash(model_dir)}-{machine or machine_key()}.json"
-
-
-def load_tuned(model_dir: str | Path, home: str | Path | None = None) -> dict[str, Any] | None:
-    """The full tuning record for this model on this machine, or None."""
-    try:
-        path = tuned_path(model_dir, home=home)
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return record if isinstance(record, dict) and record.get("schema") == SCHEMA else None
-
-
-def load_tuned_tree(model_dir: str | Path, home: str | Path | None = None) -> dict | None:
-    """The tuned tree for this model on this machine, as a dict for ``TreeSpec.from_dict``
-    (``{"widths", "node_budget", "rank_probs"}``), or None when it was never tuned here."""
-    record = load_tuned(model_dir, home)
-    if record is None:
-        return None
-    try:
-        TreeSpec.from_dict(record.get("tree"))
-    except (ValueError, TypeError, IndexError):
-        return None  # a damaged cache file must not break generation
-    return record["tree"]
-
-
-def save_tuned(model_dir: str | Path, record: dict[str, Any],
-               home: str | Path | None = None) -> Path:
-    from .bench import dump_json
-    from .loader import atomic_write_text
-
-    path = tuned_path(model_dir, record["machine"]["key"], home)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, dump_json(record))
-    return path
 
 
 # ------------------------------------------------------------------ verify-cost curve
@@ -448,7 +372,6 @@ def plot_tuning(record: dict[str, Any], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .bench import atomic_savefig
 
     curve = record["verify_cost"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -473,7 +396,7 @@ def plot_tuning(record: dict[str, Any], path: str | Path) -> None:
     ax.legend()
     fig.suptitle(f"ss-mlx tune: {record['model']['path']}", fontsize=9)
     fig.tight_layout()
-    atomic_savefig(fig, path)
+    savefig(fig, path)
     plt.close(fig)
 
 
@@ -526,12 +449,12 @@ def _tune_prompts(args: argparse.Namespace, tokenizer: Any) -> tuple[list[list[i
 
 def main(argv: list[str] | None = None) -> None:
     args = setup_arg_parser().parse_args(argv)
+    from ..loader import load, resolve_model_path
     from .datasets import DatasetError
-    from .loader import load, resolve_model_path
 
     try:
         if args.model is None:
-            from .default_model import ensure_default_model
+            from ..prepare.default_model import ensure_default_model
 
             args.model = ensure_default_model()
         model_dir = resolve_model_path(args.model)
@@ -591,9 +514,8 @@ def main(argv: list[str] | None = None) -> None:
     if predicted < 1.0:
         print("  warning: no tree is predicted to beat autoregressive decoding on this machine")
     if args.json:
-        from .bench import atomic_write, dump_json
 
-        atomic_write(args.json, dump_json(record))
+        write_text(args.json, dump_json(record))
     if args.plot:
         plot_tuning(record, args.plot)
         print(f"Plot: {args.plot}")

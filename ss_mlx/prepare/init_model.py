@@ -6,24 +6,37 @@ the stream parameters.
 """
 
 import argparse
+import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+import mlx.core as mx
 import mlx_lm
 
-from .config import CONFIG_KEY, STREAMS_FILE, SSConfig
-from .loader import (
+from ..config import CONFIG_KEY, STREAMS_FILE, SSConfig
+from ..files import atomic_write, check_out_dir, make_temp_dir, publish_dir, write_text
+from ..loader import (
     attach_streams,
     check_supported,
     model_type_of,
     read_config,
     resolve_model_path,
     stream_shapes,
-    write_streams,
 )
-from .streams import random_stream_tensors
+from ..model.streams import random_stream_tensors
+
+
+def write_streams(model_dir: Path, cfg: SSConfig, tensors: dict[str, mx.array]) -> None:
+    """Write the stream file and the config block into an existing model directory."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    config[CONFIG_KEY] = cfg.to_dict()
+    atomic_write(
+        model_dir / STREAMS_FILE,
+        lambda p: mx.save_safetensors(str(p), tensors, metadata={"format": "mlx"}),
+    )
+    write_text(model_dir / "config.json", json.dumps(config, indent=2) + "\n")
 
 
 def init_model(
@@ -42,6 +55,7 @@ def init_model(
     """Copy `model` to `out` and add randomly initialised stream parameters. Returns `out`."""
     src = resolve_model_path(model)
     out = Path(out)
+    check_out_dir(out, src)
     config = read_config(src)
     check_supported(config, src)
     if out.exists() and any(out.iterdir()) and not force:
@@ -64,18 +78,15 @@ def init_model(
     attach_streams(base, cfg, tensors, "ss-mlx init")  # validates before anything is written
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    tmp = make_temp_dir(out)
     try:
         for f in src.iterdir():
             if f.is_file() and f.name != STREAMS_FILE:
-                shutil.copy2(f, tmp / f.name)
+                shutil.copyfile(f, tmp / f.name)
         write_streams(tmp, cfg, tensors)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
+        publish_dir(tmp, out, overwrite=force)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -1,11 +1,48 @@
-"""Stream parameters: identifier embeddings P_j, stream-only adapters, early-exit adapter."""
+"""Speculative streams: their parameters (identifier embeddings P_j, stream-only adapters,
+early-exit adapter) and their insertion into the hidden states (eq. 3)."""
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..config import SSConfig
 from .arch import StreamRows
-from .config import SSConfig
+from .attention import stream_mask, with_context
+
+
+def insert_streams(
+    h: mx.array,
+    positions: mx.array,
+    main_mask: mx.array,
+    stream_embeddings: mx.array,
+    offsets: list[int],
+    context: int,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Eq. 3 with f_eta = identity: stream j of token t starts as S_{t,j} = M_t + P_j.
+
+    h: (1, T, D) main hidden states at layer N - Ns; positions: (T,); main_mask: (T, T) bool;
+    stream_embeddings: (G, D); offsets: the G RoPE offsets of the streams from their token;
+    context: cached positions every row sees.
+    Returns the rows [main ; streams] (1, T + T*G, D), their positions (T + T*G,) and the mask
+    of eq. 2 (T + T*G, context + T + T*G): main rows never see streams; stream (t, j) sees what
+    main row t sees plus streams (t, 1..j).
+    """
+    T, G = h.shape[1], stream_embeddings.shape[0]
+    P = stream_embeddings.astype(h.dtype)  # (G, D)
+    s = (h[0, :, None, :] + P[None]).reshape(1, T * G, -1)  # (1, T*G, D)
+    rows = mx.concatenate([h, s], axis=1)  # (1, T + T*G, D)
+    shift = mx.array(offsets[:G], dtype=positions.dtype)  # (G,)
+    stream_pos = (positions[:, None] + shift[None]).reshape(-1)  # (T*G,)
+    all_pos = mx.concatenate([positions, stream_pos])  # (T + T*G,)
+    return rows, all_pos, with_context(stream_mask(main_mask, G), context)
+
+
+def check_finite(tensors: dict[str, mx.array], source: str) -> None:
+    """Refuse NaN/Inf stream parameters: a masked stream row holding NaN still poisons the main
+    rows through attention (0 * NaN), so they must never enter the model."""
+    for name, t in tensors.items():
+        if not mx.all(mx.isfinite(t.astype(mx.float32))).item():
+            raise ValueError(f"{source}: stream tensor {name!r} holds NaN or Inf values")
 
 
 def expected_shapes(
@@ -47,6 +84,7 @@ def check_tensors(
         raise ValueError(
             f"{source} does not match the speculative_streaming config; " + "; ".join(problems)
         )
+    check_finite(tensors, source)
 
 
 class StreamParams(nn.Module):

@@ -5,10 +5,10 @@ from typing import Any, NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..config import SSConfig
 from . import arch
-from .attention import stream_mask, with_context
-from .config import SSConfig
-from .streams import StreamParams
+from .attention import with_context
+from .streams import StreamParams, insert_streams
 
 
 def _head(base: nn.Module, h: mx.array) -> mx.array:
@@ -56,7 +56,7 @@ class TreeOutput(NamedTuple):
 class SSModel(nn.Module):
     """Wraps a loaded mlx-lm model (`base`) without modifying it.
 
-    The base model still runs ordinary prefill (`base(tokens, cache=cache)`); `tree_forward` runs
+    The base model still runs ordinary prefill (`base(tokens, cache=cache)`); `tree_step` runs
     one verify+speculate pass; `full_forward` runs every position with its streams (the training
     view, used by the parity gate and tests).
     """
@@ -85,9 +85,6 @@ class SSModel(nn.Module):
     def head(self, h: mx.array) -> mx.array:
         """Final norm + LM head, shared by main and stream rows. h: (..., D) -> (..., V)."""
         return _head(self.base, h)
-
-    def make_cache(self) -> list[Any]:
-        return self.base.make_cache() if hasattr(self.base, "make_cache") else None
 
     def _forward(
         self,
@@ -121,35 +118,13 @@ class SSModel(nn.Module):
         for i in range(self.first_stream_layer):
             h = arch.block(layers[i], h, positions, mask, cache[i])
 
-        # Eq. 3 with f_eta = identity: S_{t,j} = M_t + P_j.
-        P = self.streams.stream_embeddings[:G].astype(h.dtype)  # (G, D)
-        s = (h[0, :, None, :] + P[None]).reshape(1, T * G, -1)  # (1, T*G, D)
-        x = mx.concatenate([h, s], axis=1)  # (1, T + T*G, D)
-        offsets = mx.array(self._offsets[:G], dtype=positions.dtype)  # (G,)
-        stream_pos = (positions[:, None] + offsets[None]).reshape(-1)  # (T*G,)
-        all_pos = mx.concatenate([positions, stream_pos])
-        mask = with_context(stream_mask(main_mask, G), context)
+        x, all_pos, mask = insert_streams(
+            h, positions, main_mask, self.streams.stream_embeddings[:G], self._offsets, context
+        )  # (1, T + T*G, D), (T + T*G,), (T + T*G, context + T + T*G)
         for i in range(self.first_stream_layer, self.num_layers):
             rows = self.streams.rows(i, T, G)
             x = arch.block(layers[i], x, all_pos, mask, cache[i], rows)
         return x[:, :T], x[:, T:]
-
-    def tree_forward(
-        self,
-        tokens: mx.array,
-        positions: mx.array,
-        ancestor_mask: mx.array,
-        cache: list[Any],
-    ) -> tuple[mx.array, mx.array]:
-        """One verify+speculate pass over a flattened draft tree.
-
-        The tree's main K/V are appended to `cache` tentatively (see `cache.commit_path`).
-        Returns main logits (T, V) and stream hidden states (T, G, D): the LM head is applied
-        to streams only at the node that gets accepted, which the caller picks.
-        """
-        main, streams = self._forward(tokens, positions, ancestor_mask, cache)
-        T = tokens.shape[0]
-        return self.head(main[0]), streams[0].reshape(T, self.num_streams, -1)
 
     def tree_step(
         self,
@@ -159,9 +134,13 @@ class SSModel(nn.Module):
         cache: list[Any],
         depth: int,
     ) -> TreeOutput:
-        """`tree_forward` for the decoding loop: only the first `depth` streams are computed
-        (a tree `depth` deep drafts from no others), and for small trees their LM head is
-        fused with the main rows' (one read of the head)."""
+        """One verify+speculate pass over a flattened draft tree.
+
+        The tree's main K/V are appended to `cache` tentatively (see `cache.commit_path`). Only
+        the first `depth` streams are computed (a tree `depth` deep drafts from no others), and
+        for small trees their LM head is fused with the main rows' (one read of the head).
+        tokens, positions: (T,); ancestor_mask: (T, T) bool.
+        """
         main, streams = self._forward(tokens, positions, ancestor_mask, cache, depth)
         T = tokens.shape[0]
         streams = streams[0].reshape(T, depth, main.shape[-1])  # (T, depth, D)

@@ -6,7 +6,7 @@ base's own when ``lm_head`` is "shared", else the head's ``medusa_head.{k}.{num_
 and predicts the token at i + 2 + k: the same role as speculative stream k+1, so the draft tree
 machinery is shared. Verification is a plain tree pass of the base model, hence lossless.
 
-Files (see convert/medusa.py): ``medusa_heads.safetensors`` with
+Files (written by convert/medusa.py): ``medusa_heads.safetensors`` with
 ``medusa_head.{k}.{i}.linear.weight`` (D, D) and ``.bias`` (D,), and the ``config.json`` block
 ``"medusa"``:
 ``{"format_version": 1, "num_heads": K, "num_layers": 1, "lm_head": "shared"}``.
@@ -20,11 +20,13 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .lookup import DEFAULT_MAX_TOKENS, Drafter, DraftStepToken, tree_generate_step
-from .tree import TreeSpec, default_tree, root_only
-
-MEDUSA_KEY = "medusa"
-MEDUSA_FILE = "medusa_heads.safetensors"
+from ..config import MEDUSA_FILE, MEDUSA_KEY
+from ..decode.loop import StepToken, decode
+from ..decode.sampling import SamplerConfig
+from ..decode.tree import TreeSpec, as_tree, default_tree, root_only
+from ..decode.verify import AcceptRule, Draft
+from ..model.ss_model import plain_tree_forward
+from .lookup import DEFAULT_MAX_TOKENS
 
 
 class MedusaHeads:
@@ -138,31 +140,33 @@ def load_medusa(model_dir: str | Path, base: nn.Module) -> MedusaHeads | None:
 def resolve_medusa_tree(heads: MedusaHeads, tree: TreeSpec | str | dict | None) -> TreeSpec:
     """The argument as a TreeSpec (default: the runtime's default tree for this many heads)."""
     if tree is None:
-        spec = default_tree(heads.num_heads)
-    elif isinstance(tree, TreeSpec):
-        spec = tree
-    elif isinstance(tree, str):
-        spec = TreeSpec.parse(tree)
-    else:
-        spec = TreeSpec.from_dict(tree)
-    if spec.depth > heads.num_heads:
-        raise ValueError(
-            f"the draft tree is {spec.depth} deep but there are only {heads.num_heads} Medusa heads"
-        )
-    return spec
+        return default_tree(heads.num_heads)
+    return as_tree(tree, heads.num_heads, "Medusa heads")
 
 
-def make_medusa_drafter(base: nn.Module, heads: MedusaHeads, spec: TreeSpec) -> Drafter:
-    """Drafts `spec` from the heads at the last accepted node (nothing before the first pass)."""
-    empty = root_only()
+class MedusaDrafter:
+    """Drafts `tree` from the heads at the accepted node's final hidden state."""
 
-    def draft(history: list[int], hidden: mx.array | None) -> tuple[TreeSpec, mx.array]:
-        if hidden is None or spec.depth == 0:
-            return empty, mx.zeros((0,), dtype=mx.int32)
-        h = base.model.norm(hidden)  # (D,); the heads read what the LM head reads
-        return spec, spec.draft_tokens(heads.logits(base, h, spec.depth))
+    has_distribution = True
 
-    return draft
+    def __init__(self, base: nn.Module, heads: MedusaHeads, tree: TreeSpec):
+        self.base, self.heads, self.tree = base, heads, tree
+
+    def first_draft(self, history: list[int]) -> Draft:
+        return Draft(root_only(), mx.zeros((0,), dtype=mx.int32))
+
+    def forward(
+        self, tokens: mx.array, positions: mx.array, ancestor_mask: mx.array, cache: list[Any]
+    ) -> tuple[mx.array, mx.array]:
+        return plain_tree_forward(self.base, tokens, positions, ancestor_mask, cache)
+
+    def draft(
+        self, history: list[int], hidden: mx.array, best: mx.array, rule: AcceptRule
+    ) -> Draft:
+        if self.tree.depth == 0:
+            return Draft(self.tree, mx.zeros((0,), dtype=mx.int32))
+        h = self.base.model.norm(hidden[best])  # (D,); the heads read what the LM head reads
+        return rule.draft(self.tree, self.heads.logits(self.base, h, self.tree.depth))
 
 
 def medusa_generate_step(
@@ -173,7 +177,7 @@ def medusa_generate_step(
     tree: TreeSpec | str | dict | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     **kwargs: Any,
-) -> Generator[DraftStepToken, None, None]:
+) -> Generator[StepToken, None, None]:
     """Greedy Medusa decoding with a static draft tree (lossless).
 
     Args:
@@ -182,9 +186,8 @@ def medusa_generate_step(
         heads: from :func:`load_medusa`.
         tree: draft tree (TreeSpec, CLI string like "3,2,1", or dict); default: a modest tree.
         max_tokens: how many tokens to generate.
-        kwargs: passed to :func:`ss_mlx.lookup.tree_generate_step`.
+        kwargs: passed to :func:`ss_mlx.decode.loop.decode`.
     """
-    spec = resolve_medusa_tree(heads, tree)
-    yield from tree_generate_step(
-        prompt, base, make_medusa_drafter(base, heads, spec), max_tokens=max_tokens, **kwargs
-    )
+    drafter = MedusaDrafter(base, heads, resolve_medusa_tree(heads, tree))
+    rule = AcceptRule("greedy", SamplerConfig())
+    yield from decode(prompt, drafter, rule, max_tokens=max_tokens, **kwargs)

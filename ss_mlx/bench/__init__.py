@@ -1,0 +1,1 @@
+"""Measurement: benchmarks, tree tuning, the paper comparison, data sets and task metrics."""

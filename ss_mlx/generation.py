@@ -1,0 +1,313 @@
+"""The mlx-lm-style API: `stream_generate`, `generate`, `GenerationResponse`, `ss_generate_step`."""
+
+import time
+import warnings
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.sample_utils import LogitsProcessor
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .decode.coarse import groups_for_model
+from .decode.loop import StepToken, decode
+from .decode.sampling import SamplerConfig, sampler_settings
+from .decode.tree import TreeSpec, as_tree, default_tree
+from .decode.verify import RELAXED_RULES, AcceptRule, TypicalParams, resolve_rule
+from .drafters.streams import Proposer, StreamDrafter
+from .files import cache_root
+from .model.ss_model import SSModel
+from .tuned import load_tuned_tree
+
+DEFAULT_MAX_TOKENS = 256
+
+
+@dataclass
+class GenerationResponse:
+    """The output of :func:`stream_generate` (mlx-lm's fields plus speculation statistics).
+
+    Args:
+        text: the next segment of decoded text (may be empty).
+        token: the next token.
+        logprobs: (V,) log-probabilities of the distribution the token was verified against
+            (after logits processors, before temperature), as mlx-lm's.
+        from_draft: whether the token was a verified draft token.
+        accepted: draft tokens accepted in the forward pass that produced this token.
+        prompt_tokens, prompt_tps: prompt size and prefill speed (tokens/s).
+        generation_tokens, generation_tps: tokens generated so far and their rate.
+        forward_passes: decoding forward passes so far; tokens_per_pass = tokens / passes.
+        peak_memory: peak memory so far in GB.
+        finish_reason: "stop" (EOS), "length" (max_tokens) or None.
+        accept_rule: the rule that accepted the token: "greedy", "simple", "rrs" (exact) or
+            "typical", "coarse" (relaxed, not exact).
+    """
+
+    text: str
+    token: int
+    logprobs: mx.array | None
+    from_draft: bool
+    accepted: int
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    forward_passes: int
+    tokens_per_pass: float
+    peak_memory: float
+    finish_reason: str | None = None
+    accept_rule: str = "greedy"
+
+
+def _check_model(model: Any) -> SSModel:
+    if not isinstance(model, SSModel):
+        raise TypeError(
+            f"expected an ss_mlx model (from ss_mlx.load or ss_mlx.attach_streams), got "
+            f"{type(model).__module__}.{type(model).__name__}; a plain mlx-lm model has no "
+            "speculative streams: wrap it with ss_mlx.attach_streams(model, config, tensors)"
+        )
+    return model
+
+
+def resolve_tree(model: SSModel, tree: TreeSpec | str | dict | None) -> TreeSpec:
+    """The draft tree to use: the argument, else one `ss-mlx tune` saved for this model on this
+    machine, else the model config's, else a default."""
+    model = _check_model(model)
+    if tree is None and model.path is not None:
+        tree = load_tuned_tree(model.path, num_streams=model.num_streams)
+    if tree is None:
+        tree = model.cfg.tree
+    spec = default_tree(model.num_streams) if tree is None else as_tree(
+        tree, model.num_streams, "speculative streams"
+    )
+    vocab = model.inner.embed_tokens.weight.shape[0]
+    if spec.max_width > vocab:
+        raise ValueError(f"the draft tree is {spec.max_width} wide but the vocabulary has {vocab}")
+    return spec
+
+
+def ss_generate_step(
+    prompt: mx.array,
+    model: SSModel,
+    *,
+    tree: TreeSpec | str | dict | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    prompt_cache: list[Any] | None = None,
+    prefill_step_size: int = 2048,
+    drafter: Proposer | None = None,
+    sampler: SamplerConfig | Callable | None = None,
+    accept_rule: str = "auto",
+    typical: TypicalParams | None = None,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
+    coarse_theta: float = 0.8,
+    prompt_progress_callback: Callable[[int, int], None] | None = None,
+) -> Generator[StepToken, None, None]:
+    """Speculative Streaming decoding, token by token.
+
+    Each forward pass verifies the previous draft tree and drafts the next one from the
+    streams of the deepest accepted node, with one host sync per pass. With the exact rules
+    (greedy at temp 0; "simple" or "rrs" above) the tokens have exactly the distribution of
+    mlx-lm's autoregressive decoding with the same sampler and logits processors.
+
+    Args:
+        prompt: (L,) token ids.
+        model: the SS model.
+        tree: draft tree (TreeSpec, CLI string like "3,2,1", or dict); default from the config.
+        max_tokens: how many tokens to generate (-1: no limit).
+        prompt_cache: a cache from an earlier call to continue from (updated in place). When
+            generation ends it holds the prompt and every emitted token, as mlx-lm's.
+        prefill_step_size: prompt chunk size for prefill.
+        drafter: replaces the streams' tokens: called after each pass with the token history
+            (prompt + emitted tokens, the pending root last) and the tree, it returns the
+            T - 1 draft tokens (oracle tests, other draft sources); output stays lossless.
+        sampler: sampling settings (default greedy): a SamplerConfig or a sampler built by
+            mlx-lm's ``make_sampler``.
+        accept_rule: "auto" (greedy at temp 0, "rrs" above), "greedy", "simple", "rrs", or
+            the relaxed, NOT exact "typical" and "coarse".
+        typical: thresholds of the "typical" rule.
+        logits_processors: mlx-lm style ``processor(tokens, logits) -> logits``; at each tree
+            node ``tokens`` is that node's own history (prompt, emitted tokens, its path).
+        coarse_theta: embedding-cosine threshold of the relaxed "coarse" rule's token groups.
+        prompt_progress_callback: ``callback(done, total)`` during prefill, as mlx-lm's.
+    """
+    spec = resolve_tree(model, tree)
+    settings = sampler_settings(sampler) if sampler is not None else SamplerConfig()
+    name = resolve_rule(accept_rule, settings, has_distribution=drafter is None)
+    groups = None
+    if name == "coarse":
+        groups = groups_for_model(model.inner.embed_tokens, coarse_theta, cache_root() / "coarse")
+    rule = AcceptRule(name, settings, typical or TypicalParams(), groups)
+    yield from decode(
+        prompt,
+        StreamDrafter(model, spec, drafter),
+        rule,
+        max_tokens=max_tokens,
+        prompt_cache=prompt_cache,
+        prefill_step_size=prefill_step_size,
+        logits_processors=logits_processors,
+        prompt_progress_callback=prompt_progress_callback,
+    )
+
+
+def encode_prompt(
+    tokenizer: TokenizerWrapper,
+    prompt: str | Sequence[int] | mx.array,
+    apply_chat_template: bool = False,
+    system_prompt: str | None = None,
+) -> mx.array:
+    """Token ids (L,) of a text or token prompt (text through the chat template if asked)."""
+    if isinstance(prompt, mx.array):
+        if prompt.ndim != 1:
+            raise ValueError(f"the prompt must be a 1-D array of token ids, got {prompt.shape}")
+        return prompt.astype(mx.int32)
+    if isinstance(prompt, str):
+        if apply_chat_template and getattr(tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": prompt}]
+            if system_prompt:
+                messages.insert(0, {"role": "system", "content": system_prompt})
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            if isinstance(ids, str):
+                ids = tokenizer.encode(ids, add_special_tokens=False)
+            elif isinstance(ids, dict):  # transformers >= 5 may return a BatchEncoding
+                ids = ids["input_ids"]
+            return mx.array(ids, dtype=mx.int32)
+        add_special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
+        return mx.array(tokenizer.encode(prompt, add_special_tokens=add_special), dtype=mx.int32)
+    if isinstance(prompt, Sequence) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt
+    ):
+        return mx.array(list(prompt), dtype=mx.int32)
+    raise ValueError("prompt must be a string, a list of token ids or a 1-D mx.array")
+
+
+def stream_generate(
+    model: SSModel,
+    tokenizer: Any,
+    prompt: str | Sequence[int] | mx.array,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    *,
+    apply_chat_template: bool = False,
+    system_prompt: str | None = None,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    min_tokens_to_keep: int = 1,
+    seed: int | None = None,
+    sampler: SamplerConfig | Callable | None = None,
+    **kwargs: Any,
+) -> Generator[GenerationResponse, None, None]:
+    """Generate text with Speculative Streaming, yielding one response per token.
+
+    Args:
+        model: an SSModel from :func:`ss_mlx.load`.
+        tokenizer: its tokenizer.
+        prompt: text, or token ids.
+        max_tokens: maximum number of tokens to generate (-1: no limit).
+        apply_chat_template: wrap a text prompt as a user message with the tokenizer's chat
+            template (when it has one). Default: ``False``, as in mlx-lm's API.
+        system_prompt: system message used with the chat template.
+        temp, top_p, top_k, min_p, min_tokens_to_keep: sampler settings (temp 0 = greedy).
+        seed: seeds MLX's random state before generating.
+        sampler: instead of the settings above, a sampler from mlx-lm's ``make_sampler`` (or a
+            SamplerConfig); other callables are refused (they cannot be verified exactly).
+        kwargs: passed to :func:`ss_generate_step` (``tree``, ``prompt_cache``,
+            ``accept_rule``, ``logits_processors``, ...).
+    """
+    model = _check_model(model)
+    if sampler is None:
+        sampler = SamplerConfig(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                                min_tokens_to_keep=min_tokens_to_keep)
+    if seed is not None:
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        mx.random.seed(seed)
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    ids = encode_prompt(tokenizer, prompt, apply_chat_template, system_prompt)
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    eos = set(tokenizer.eos_token_ids)
+    tic = time.perf_counter()
+    prompt_tps = 0.0
+
+    def response(st: StepToken, count: int, reason: str | None) -> GenerationResponse:
+        elapsed = time.perf_counter() - tic
+        passes = st.step + 1
+        return GenerationResponse(
+            text=detokenizer.last_segment,
+            token=st.token,
+            logprobs=st.logprobs,
+            from_draft=st.from_draft,
+            accepted=st.accepted,
+            prompt_tokens=ids.size,
+            prompt_tps=prompt_tps,
+            generation_tokens=count,
+            generation_tps=count / elapsed if elapsed > 0 else 0.0,
+            forward_passes=passes,
+            tokens_per_pass=count / passes,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=reason,
+            accept_rule=st.rule,
+        )
+
+    gen = ss_generate_step(ids, model, max_tokens=max_tokens, sampler=sampler, **kwargs)
+    last, count, finish = None, 0, "length"
+    try:
+        for count, st in enumerate(gen, start=1):
+            if count == 1:
+                # The first token comes from the pass right after prefill: count it as prompt time.
+                prompt_tps = ids.size / (time.perf_counter() - tic)
+                tic = time.perf_counter()
+            if st.token in eos:
+                last, finish = st, "stop"
+                break
+            detokenizer.add_token(st.token)
+            if count == max_tokens:
+                last = st
+                break
+            yield response(st, count, None)
+            last = st
+    finally:
+        gen.close()
+    if last is None:
+        return
+    detokenizer.finalize()
+    yield response(last, count, finish)
+
+
+def generate(
+    model: SSModel,
+    tokenizer: Any,
+    prompt: str | Sequence[int] | mx.array,
+    verbose: bool = False,
+    **kwargs: Any,
+) -> str:
+    """Generate a complete response; with ``verbose`` print it as it comes, then statistics.
+
+    Same signature as mlx-lm's ``generate``; ``kwargs`` go to :func:`stream_generate`.
+    """
+    if "formatter" in kwargs:
+        warnings.warn("'formatter' is not supported and is ignored", stacklevel=2)
+        kwargs.pop("formatter")
+    text = ""
+    last = None
+    for last in stream_generate(model, tokenizer, prompt, **kwargs):
+        if verbose:
+            print(last.text, end="", flush=True)
+        text += last.text
+    if verbose and last is not None:
+        print()
+        print("=" * 10)
+        print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
+        print(
+            f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec"
+        )
+        print(f"Forward passes: {last.forward_passes}, {last.tokens_per_pass:.2f} tokens per pass")
+        print(f"Peak memory: {last.peak_memory:.3f} GB")
+        if last.accept_rule in RELAXED_RULES:
+            print(
+                f"Acceptance rule '{last.accept_rule}' is relaxed: the output is NOT an exact "
+                "sample of the model's distribution"
+            )
+    return text

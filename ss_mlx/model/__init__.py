@@ -1,0 +1,1 @@
+"""The forward pass: the only code that touches mlx-lm module internals."""

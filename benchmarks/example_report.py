@@ -19,8 +19,7 @@ import sys
 from pathlib import Path
 
 import ss_mlx  # noqa: F401  (loads OpenBLAS before mlx.core on Linux)
-from ss_mlx.bench import bench
-from ss_mlx.bench import tune
+from ss_mlx.bench import bench, tune
 from ss_mlx.bench.machine import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"

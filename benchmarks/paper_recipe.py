@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 
 import ss_mlx  # noqa: F401  (OpenBLAS preload before anything imports mlx)
-from ss_mlx.prepare.default_model import ensure_default_model
 from ss_mlx.bench.tasks import get_task, train_rows, write_jsonl
+from ss_mlx.prepare.default_model import ensure_default_model
 
 # Per task: the trainer budget shared by baseline, SS and Medusa, and the SS / draft shapes.
 # Ns: the paper uses N/6 for SQL and N/2 for E2E; N/2 = 15 of SmolLM2's 30 layers would triple

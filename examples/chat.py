@@ -6,11 +6,12 @@ As in mlx-lm, after a reply the cache holds the prompt and the reply, so each tu
 what the chat template adds after the cached tokens.
 """
 
+# ruff: noqa: I001  (ss_mlx first: on Linux it loads OpenBLAS before mlx.core is imported)
+import ss_mlx
+
 import argparse
 
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
-
-import ss_mlx
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("model", help="SS model directory")

@@ -339,6 +339,7 @@ class Worker:
         self._count_lock = threading.Lock()
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._warmup_kwargs: dict[str, Any] | None = None
         self._thread = threading.Thread(target=self._run, name="ss-mlx-worker", daemon=True)
 
     def start(self, warmup_kwargs: dict[str, Any] | None = None) -> None:
@@ -393,11 +394,15 @@ class Worker:
             self.cancelled += 1
             job.events.put(("done", None))
             return
-        try:
-            if job.chat:
+        prompt = job.prompt
+        if job.chat:
+            try:
                 prompt = _chat_ids(self.tokenizer, job.prompt, job.template_args)
-            else:
-                prompt = job.prompt
+            except Exception as e:  # templates raise on messages they refuse (roles, order)
+                log.warning("chat template failed: %s", _one_line(e))
+                job.events.put(("error", RequestError(400, f"chat template: {_one_line(e)}")))
+                return
+        try:
             gen = self.generate(self.model, self.tokenizer, prompt, **job.gen_kwargs)
             try:
                 for response in gen:
@@ -407,13 +412,9 @@ class Worker:
                     job.events.put(("token", response))
             finally:
                 gen.close()
-        except (ValueError, TypeError, KeyError) as e:
-            # Raised by the template or by the prompt checks: the request's fault.
+        except ValueError as e:  # ss-mlx's checks of the prompt and settings
             job.events.put(("error", RequestError(400, _one_line(e))))
         except Exception as e:
-            if type(e).__name__ == "TemplateError":  # jinja2, without importing it
-                job.events.put(("error", RequestError(400, f"chat template: {_one_line(e)}")))
-                return
             log.exception("generation failed")
             job.events.put(("error", _server_error(e)))
         else:

@@ -13,13 +13,12 @@ import threading
 import time
 from pathlib import Path
 
+import openai  # the test extra: these tests are what CI must run, so no importorskip
 import pytest
 from conftest import save_tiny_model_dir, tiny_base
 
 import ss_mlx
 from ss_mlx.server import StopText, build_parser, create_server
-
-openai = pytest.importorskip("openai")
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 16
@@ -282,6 +281,11 @@ BAD = [
     ("/v1/chat/completions", {"messages": _msg(), "logit_bias": {"5000": 1}}, 400, "logit_bias"),
     ("/v1/chat/completions", {"messages": _msg(), "logprobs": True}, 400, "logprobs"),
     ("/v1/chat/completions", {"messages": _msg(), "model": "gpt-4"}, 404, "model"),
+    ("/v1/chat/completions", {"messages": _msg(), "chat_template_kwargs": "x"}, 400,
+     "chat_template_kwargs"),
+    # apply_chat_template(add_generation_prompt=...) twice: the template step refuses it
+    ("/v1/chat/completions", {"messages": _msg(),
+                              "chat_template_kwargs": {"add_generation_prompt": False}}, 400, None),
     ("/v1/completions", {}, 400, "prompt"),
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/completions", {"prompt": ""}, 400, None),  # empty: found by the prompt checks

@@ -11,7 +11,7 @@ import ss_mlx
 
 import argparse
 
-from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import trim_prompt_cache
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("model", help="SS model directory")
@@ -19,7 +19,7 @@ parser.add_argument("--max-tokens", type=int, default=64)
 args = parser.parse_args()
 
 model, tokenizer = ss_mlx.load(args.model)
-cache = make_prompt_cache(model)
+cache = ss_mlx.make_prompt_cache(model)
 cached: list[int] = []  # the tokens whose keys and values the cache holds, in order
 messages = [{"role": "system", "content": "You are a concise assistant."}]
 for question in ["What is speculative decoding?", "Why is it lossless?", "Say it in five words."]:
@@ -35,7 +35,7 @@ for question in ["What is speculative decoding?", "Why is it lossless?", "Say it
     print(f"user: {question}\nassistant: ", end="", flush=True)
     reply, tokens = "", []
     for r in ss_mlx.stream_generate(
-        model, tokenizer, ids[keep:], args.max_tokens, prompt_cache=cache
+        model, tokenizer, ids[keep:], max_tokens=args.max_tokens, prompt_cache=cache
     ):
         print(r.text, end="", flush=True)
         reply, tokens = reply + r.text, tokens + [r.token]

@@ -18,9 +18,9 @@ from types import FrameType
 from typing import Any, TextIO
 
 import mlx.core as mx
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-from ss_mlx import load, stream_generate
+from ss_mlx import load, make_prompt_cache, stream_generate
 
 DEFAULT_MAX_TOKENS = 256
 QUIT = ("q", "/q", "/quit", "/exit")
@@ -39,7 +39,7 @@ def resolve_model(model: str | None) -> str:
         return model
     # The one import outside ss_mlx's top-level API: the default model has no public entry point
     # yet, and `ss-mlx generate` resolves it the same way.
-    from ss_mlx.default_model import ensure_default_model
+    from ss_mlx.prepare.default_model import ensure_default_model
 
     return str(ensure_default_model())
 

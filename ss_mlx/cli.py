@@ -14,6 +14,8 @@ DEFAULT_PROMPT = "Write a haiku about speculative decoding."
 # command -> ("module:function", one-line description, what to install when the import fails)
 COMMANDS = {
     "generate": ("ss_mlx.cli:generate_main", "generate text with Speculative Streaming", None),
+    "chat": ("ss_mlx.chat:main", "an interactive chat REPL (like mlx_lm.chat)", None),
+    "server": ("ss_mlx.server:main", "an OpenAI-compatible HTTP server", None),
     "init": ("ss_mlx.prepare.init_model:main", "add fresh (untrained) streams to a model", None),
     "models": ("ss_mlx.prepare.default_model:main", "prepare / locate the default model", None),
     "import-gguf": ("ss_mlx.prepare.gguf_import:main", "convert a llama-family GGUF file", None),
@@ -56,7 +58,9 @@ def main(argv: list[str] | None = None) -> None:
         if extra is None or e.name is None or e.name.startswith("ss_mlx"):
             raise
         sys.exit(f"ss-mlx {command}: needs {e.name!r}; install it with: pip install '{extra}'")
-    getattr(module, function)(rest)
+    code = getattr(module, function)(rest)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 def generate_parser() -> argparse.ArgumentParser:

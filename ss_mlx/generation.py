@@ -184,8 +184,9 @@ def stream_generate(
     model: SSModel,
     tokenizer: Any,
     prompt: str | Sequence[int] | mx.array,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
+    draft_model: Any = None,
     *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
     apply_chat_template: bool = False,
     system_prompt: str | None = None,
     temp: float = 0.0,
@@ -203,6 +204,8 @@ def stream_generate(
         model: an SSModel from :func:`ss_mlx.load`.
         tokenizer: its tokenizer.
         prompt: text, or token ids.
+        draft_model: mlx-lm's two-model speculative decoding; not needed here (the model
+            drafts for itself), so anything but None is refused.
         max_tokens: maximum number of tokens to generate (-1: no limit).
         apply_chat_template: wrap a text prompt as a user message with the tokenizer's chat
             template (when it has one). Default: ``False``, as in mlx-lm's API.
@@ -215,6 +218,11 @@ def stream_generate(
             ``accept_rule``, ``logits_processors``, ...).
     """
     model = _check_model(model)
+    if draft_model is not None:
+        raise ValueError(
+            "draft_model is not supported: Speculative Streaming drafts with the model's own "
+            "streams (a separate draft model is what `ss-mlx bench --methods draft` measures)"
+        )
     if sampler is None:
         sampler = SamplerConfig(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                                 min_tokens_to_keep=min_tokens_to_keep)

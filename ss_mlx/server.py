@@ -372,7 +372,8 @@ class Worker:
         self.vocab_size = len(self.tokenizer.get_vocab())
         if self._warmup_kwargs is not None:  # one token: fails early on a bad --tree
             first = self.tokenizer.encode("a") or [0]
-            for _ in stream_generate(self.model, self.tokenizer, first, 1, **self._warmup_kwargs):
+            kwargs = dict(self._warmup_kwargs, max_tokens=1)
+            for _ in stream_generate(self.model, self.tokenizer, first, **kwargs):
                 pass
 
     def _run(self) -> None:

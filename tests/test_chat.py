@@ -56,7 +56,7 @@ def fresh_turns(model, tokenizer, turns, max_tokens=MAX_TOKENS, system=None, par
     for i, user in enumerate(turns):
         messages.append({"role": "user", "content": user})
         ids = template_ids(tokenizer, messages)
-        text = ss_mlx.generate(model, tokenizer, ids, max_tokens)
+        text = ss_mlx.generate(model, tokenizer, ids, max_tokens=max_tokens)
         if partial and i in partial:
             text = partial[i]
         replies.append(text)
@@ -115,7 +115,6 @@ def test_lossy_history_is_re_prefilled_from_the_mismatch(lossy_dir):
     assert second[-1].prompt_tokens == len(ids2) - shared
 
 
-@pytest.mark.xfail(strict=True, reason="needs mlx-lm prompt-cache semantics from main")
 def test_each_turn_prefills_only_its_new_tokens(exact):
     """mlx-lm's semantics: after a reply the cache holds the prompt and every emitted token, so
     the next turn prefills exactly what the template adds after them."""
@@ -246,9 +245,9 @@ def test_ctrl_c_at_the_prompt_quits(exact_dir, monkeypatch):
 
 
 def test_default_model_is_resolved(exact_dir, monkeypatch, capsys):
-    import ss_mlx.default_model
+    import ss_mlx.prepare.default_model
 
-    monkeypatch.setattr(ss_mlx.default_model, "ensure_default_model", lambda: exact_dir)
+    monkeypatch.setattr(ss_mlx.prepare.default_model, "ensure_default_model", lambda: exact_dir)
     rc, out, header = _run_main(monkeypatch, capsys, ["-m", "2"], "")
     assert rc == 0 and str(exact_dir) in header
 

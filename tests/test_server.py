@@ -75,9 +75,9 @@ def truth(server, reference, prompt, max_tokens=MAX_TOKENS, chat=False, **kwargs
     wait_idle(server)
     if chat:
         prompt = tok.apply_chat_template(prompt, add_generation_prompt=True)
-    rs = list(ss_mlx.stream_generate(model, tok, prompt, max_tokens, **kwargs))
+    rs = list(ss_mlx.stream_generate(model, tok, prompt, max_tokens=max_tokens, **kwargs))
     text = "".join(r.text for r in rs)
-    assert text == ss_mlx.generate(model, tok, prompt, max_tokens, **kwargs)
+    assert text == ss_mlx.generate(model, tok, prompt, max_tokens=max_tokens, **kwargs)
     return text, len(rs), rs[-1].prompt_tokens, rs[-1].finish_reason
 
 

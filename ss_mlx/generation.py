@@ -15,10 +15,13 @@ from .decode.loop import StepToken, decode
 from .decode.sampling import SamplerConfig, sampler_settings
 from .decode.tree import TreeSpec, as_tree, default_tree
 from .decode.verify import RELAXED_RULES, AcceptRule, TypicalParams, resolve_rule
+from .drafters.hybrid import HybridConfig, HybridDrafter
 from .drafters.streams import Proposer, StreamDrafter
 from .files import cache_root
 from .model.ss_model import SSModel
-from .tuned import load_tuned_tree
+from .tuned import load_tuned, load_tuned_tree, row_cost_curve
+
+DYNAMIC = "dynamic"
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -69,9 +72,23 @@ def _check_model(model: Any) -> SSModel:
     return model
 
 
+def dynamic_drafter(model: SSModel, config: HybridConfig | None = None) -> HybridDrafter:
+    """The default draft source: streams + prompt lookup in one tree chosen every step, costed
+    with this machine's curve from `ss-mlx tune` (or the default) and the streams' measured
+    acceptance as the prior."""
+    record = None
+    if model.path is not None:
+        record = load_tuned(model.path, num_streams=model.num_streams)
+    prior = None
+    probs = ((record or {}).get("tree") or {}).get("rank_probs")
+    if probs:
+        prior = tuple(float(p[0]) for p in probs)
+    return HybridDrafter(model, config, row_cost_curve(record, model.num_streams), prior)
+
+
 def resolve_tree(model: SSModel, tree: TreeSpec | str | dict | None) -> TreeSpec:
-    """The draft tree to use: the argument, else one `ss-mlx tune` saved for this model on this
-    machine, else the model config's, else a default."""
+    """The static draft tree to use: the argument, else one `ss-mlx tune` saved for this model
+    on this machine, else the model config's, else a default."""
     model = _check_model(model)
     if tree is None and model.path is not None:
         tree = load_tuned_tree(model.path, num_streams=model.num_streams)
@@ -112,7 +129,9 @@ def ss_generate_step(
     Args:
         prompt: (L,) token ids.
         model: the SS model.
-        tree: draft tree (TreeSpec, CLI string like "3,2,1", or dict); default from the config.
+        tree: None or "dynamic" (default): streams + prompt lookup in one tree chosen every
+            step by confidence and this machine's cost (`ss_mlx.drafters.hybrid`); or a static
+            tree (TreeSpec, CLI string like "3,2,1", or dict) drafted by the streams alone.
         max_tokens: how many tokens to generate (-1: no limit).
         prompt_cache: a cache from an earlier call to continue from (updated in place). When
             generation ends it holds the prompt and every emitted token, as mlx-lm's.
@@ -130,16 +149,21 @@ def ss_generate_step(
         coarse_theta: embedding-cosine threshold of the relaxed "coarse" rule's token groups.
         prompt_progress_callback: ``callback(done, total)`` during prefill, as mlx-lm's.
     """
-    spec = resolve_tree(model, tree)
+    model = _check_model(model)
+    if tree in (None, DYNAMIC) and drafter is None:
+        source: Any = dynamic_drafter(model)
+    else:
+        source = StreamDrafter(model, resolve_tree(model, None if tree == DYNAMIC else tree),
+                               drafter)
     settings = sampler_settings(sampler) if sampler is not None else SamplerConfig()
-    name = resolve_rule(accept_rule, settings, has_distribution=drafter is None)
+    name = resolve_rule(accept_rule, settings, has_distribution=source.has_distribution)
     groups = None
     if name == "coarse":
         groups = groups_for_model(model.inner.embed_tokens, coarse_theta, cache_root() / "coarse")
     rule = AcceptRule(name, settings, typical or TypicalParams(), groups)
     yield from decode(
         prompt,
-        StreamDrafter(model, spec, drafter),
+        source,
         rule,
         max_tokens=max_tokens,
         prompt_cache=prompt_cache,

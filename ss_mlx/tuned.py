@@ -166,3 +166,42 @@ def load_tuned_tree(model_dir: str | Path, home: str | Path | None = None,
 def save_tuned(model_dir: str | Path, record: dict[str, Any],
                home: str | Path | None = None) -> Path:
     return write_text(tuned_path(model_dir, record["machine"]["key"], home), dump_json(record))
+
+
+# Cost of one pass over R rows (main + stream rows), relative to mlx-lm's one-token AR step, on
+# this project's reference 2-core x86 CPU (OpenBLAS sgemm: a few rows cost far more than one).
+# A GPU is much flatter; `ss-mlx tune` measures the real curve and it replaces this one.
+DEFAULT_ROW_COST = ((1, 1.0), (2, 1.3), (4, 1.5), (8, 1.85), (16, 2.5), (32, 3.8), (64, 6.5),
+                    (128, 12.0), (256, 23.0), (1280, 110.0))
+
+
+CostCurve = tuple[tuple[int, float], ...]
+
+
+def row_cost_curve(record: dict[str, Any] | None, num_streams: int) -> CostCurve:
+    """(rows, relative cost) points: from a tuning record's verify-cost measurement when there is
+    one (its pass over T nodes runs T * (1 + min(max(T - 1, 1), G)) rows), else the default."""
+    cost = (record or {}).get("verify_cost")
+    if not cost or not cost.get("ar_seconds") or not cost.get("seconds"):
+        return DEFAULT_ROW_COST
+    ar = float(cost["ar_seconds"])
+    points = {1: 1.0}
+    for T, s in zip(cost["T"], cost["seconds"], strict=False):
+        rows = T * (1 + min(max(T - 1, 1), num_streams))
+        points[rows] = max(float(s) / ar, points.get(rows, 0.0))
+    out, best = [], 0.0
+    for rows in sorted(points):  # costs never fall with more rows (noise aside)
+        best = max(best, points[rows])
+        out.append((rows, best))
+    last_rows, last = out[-1]
+    out.append((last_rows * 8, last * 8))  # linear beyond the measured range
+    return tuple(out)
+
+
+def cost_at(curve: CostCurve, rows: int) -> float:
+    """The curve, interpolated linearly in the row count."""
+    for (r0, c0), (r1, c1) in zip(curve, curve[1:], strict=False):
+        if rows <= r1:
+            return c0 + (c1 - c0) * (rows - r0) / (r1 - r0) if rows > r0 else c0
+    r0, c0 = curve[-1]
+    return c0 * rows / r0

@@ -41,6 +41,9 @@ class ChainDrafter:
         logits, _ = plain_tree_forward(self.base, tokens, positions, ancestor_mask, cache)
         return logits, None
 
+    def to_sync(self, out, best):
+        return []
+
     def draft(self, history, out, best, rule):
         return self._draft(history)
 

@@ -150,8 +150,14 @@ def model_pair_probs(model, prompt, cfg):
     return {(a, b): p1[a] * p2[a, b] for a in range(V) for b in range(V) if p1[a] * p2[a, b] > 0}
 
 
-@pytest.mark.parametrize("rule", ["rrs", "typical"])
-def test_end_to_end_sampling_matches_model(rule):
+@pytest.mark.parametrize(
+    "rule,tree,prompt",
+    [("rrs", "2,1", [1, 4, 2]), ("typical", "2,1", [1, 4, 2]),
+     # The hybrid tree (lookup drafts without a distribution: verified by "simple"); the
+     # repeats in the prompt give lookup matches to draft.
+     ("rrs", "dynamic", [1, 4, 2, 1, 4, 2, 1]), ("simple", "dynamic", [3, 3, 3, 3])],
+)
+def test_end_to_end_sampling_matches_model(rule, tree, prompt):
     """Real decoding loop on a tiny model: SS samples vs the model's exact distribution, and the
     relaxed typical rule is caught by the same check."""
     model = tiny_ss_model(
@@ -165,15 +171,17 @@ def test_end_to_end_sampling_matches_model(rule):
         intermediate_size=64,
     )
     cfg = SamplerConfig(temp=1.0)
-    prompt = [1, 4, 2]
     mx.random.seed(0)
     n = 500
     counts = Counter()
+    verified_drafts = 0
     for _ in range(n):
-        steps = ss_generate_step(
-            mx.array(prompt), model, max_tokens=2, tree="2,1", sampler=cfg, accept_rule=rule
-        )
+        steps = list(ss_generate_step(
+            mx.array(prompt), model, max_tokens=2, tree=tree, sampler=cfg, accept_rule=rule
+        ))
         counts[tuple(s.token for s in steps)] += 1
+        verified_drafts += any(s.tree_size > 1 for s in steps)
+    assert verified_drafts > n // 10  # the check covers passes that verified drafts
     ok, pval = chi_square_ok(counts, model_pair_probs(model, prompt, cfg), n)
     if rule == "typical":
         assert not ok, f"typical acceptance looked exact (p = {pval:.3f})"

@@ -90,6 +90,8 @@ class Run:
     total_s: float
     peak_memory: int
     active_memory: int
+    tree_sizes: list[int] = field(default_factory=list)  # nodes per target pass
+    by_source: dict[str, int] = field(default_factory=dict)  # accepted draft tokens per source
 
 
 # ------------------------------------------------------------------ methods
@@ -130,15 +132,22 @@ def tree_label(tree: Any) -> str:
 
 
 def ss_method(model: Any, tree: Any = None, name: str | None = None) -> Method:
-    """Speculative Streaming with one draft tree (default: the model's)."""
-    from ..generation import resolve_tree, ss_generate_step
+    """Speculative Streaming with one static draft tree (default: the model's), or with
+    ``tree="dynamic"`` the default hybrid tree chosen every step."""
+    from ..generation import DYNAMIC, resolve_tree, ss_generate_step
 
+    extra = sum(v.nbytes for v in model.streams.tensors().values())
+    if tree == DYNAMIC:
+        def gen_dynamic(prompt: mx.array, max_tokens: int) -> Iterator[StepToken]:
+            yield from ss_generate_step(prompt, model, tree=DYNAMIC, max_tokens=max_tokens)
+
+        return Method(name or "ss[dynamic]", "ss", gen_dynamic, depth=model.num_streams,
+                      extra_param_bytes=extra, config={"tree": DYNAMIC})
     spec = resolve_tree(model, tree)
 
     def gen(prompt: mx.array, max_tokens: int) -> Iterator[StepToken]:
         yield from ss_generate_step(prompt, model, tree=spec, max_tokens=max_tokens)
 
-    extra = sum(v.nbytes for v in model.streams.tensors().values())
     return Method(
         name or f"ss[{tree_label(tree)}]", "ss", gen, depth=spec.depth, extra_param_bytes=extra,
         config={"tree": tree if isinstance(tree, (str, dict)) else None,
@@ -251,7 +260,8 @@ def run_once(method: Method, prompt: mx.array, max_tokens: int, eos: set[int],
     mx.reset_peak_memory()
     active = mx.get_active_memory()
     tokens: list[int] = []
-    passes: dict[int, tuple[int, int]] = {}
+    passes: dict[int, tuple[int, int, int]] = {}
+    by_source: dict[str, int] = {}
     first_step = None
     first_pass_tokens = 0
     t_first = t_last = None
@@ -266,7 +276,9 @@ def run_once(method: Method, prompt: mx.array, max_tokens: int, eos: set[int],
                 first_pass_tokens += 1
             t_last = now
             tokens.append(e.token)
-            passes[e.step] = (e.accepted, e.draft_depth)
+            passes[e.step] = (e.accepted, e.draft_depth, e.tree_size)
+            if e.from_draft:
+                by_source[e.source] = by_source.get(e.source, 0) + 1
             if e.token in eos or len(tokens) == max_tokens:
                 break
     finally:
@@ -288,6 +300,8 @@ def run_once(method: Method, prompt: mx.array, max_tokens: int, eos: set[int],
         total_s=t_last - t0,
         peak_memory=mx.get_peak_memory(),
         active_memory=active,
+        tree_sizes=[passes[s][2] for s in steps],
+        by_source=by_source,
     )
 
 
@@ -390,6 +404,7 @@ def summarize_method(method: Method, runs: Sequence[Run]) -> dict[str, Any]:
     accepted: list[int] = []
     drafted: list[int] = []
     ttft, per_prompt_tps = [], {}
+    tree_nodes, by_source = 0, {}
     for p, rs in sorted(by_prompt.items()):
         ref = rs[0]  # greedy: every repeat emits the same tokens in the same passes
         n_dec = len(ref.tokens) - ref.first_pass_tokens
@@ -404,6 +419,9 @@ def summarize_method(method: Method, runs: Sequence[Run]) -> dict[str, Any]:
             draft_calls += sum(ref.drafted)
         accepted += ref.accepted
         drafted += ref.drafted
+        tree_nodes += sum(ref.tree_sizes)
+        for src, k in ref.by_source.items():
+            by_source[src] = by_source.get(src, 0) + k
         if n_dec > 0 and d_s > 0:
             per_prompt_tps[p] = n_dec / d_s
     depth = max([method.depth, *drafted]) if drafted else method.depth
@@ -427,6 +445,8 @@ def summarize_method(method: Method, runs: Sequence[Run]) -> dict[str, Any]:
         "call_reduction": tokens / (passes + draft_calls),
         "mean_accepted": sum(with_draft) / len(with_draft) if with_draft else 0.0,
         "acceptance_by_depth": acceptance,
+        "mean_tree_size": tree_nodes / passes if tree_nodes else None,
+        "accepted_by_source": by_source,
         "ttft_s": _median(ttft),
         "peak_memory_bytes": max(r.peak_memory for r in all_runs),
         "peak_over_resident_bytes": max(r.peak_memory - r.active_memory for r in all_runs),
@@ -529,15 +549,15 @@ def format_table(report: dict[str, Any]) -> str:
     depth = max([m["depth"] for m in report["methods"]] + [1])
     depth = min(depth, 8)
     head = ("| method | status | decode tok/s | speedup | tokens/pass | call reduction | "
-            "TTFT ms | peak GB | extra MB | " + " | ".join(f"acc@{d}" for d in range(1, depth + 1))
-            + " |")
-    sep = "|" + "---|" * 2 + "---:|" * (7 + depth)
+            "TTFT ms | peak GB | extra MB | mean tree | accepted by source | "
+            + " | ".join(f"acc@{d}" for d in range(1, depth + 1)) + " |")
+    sep = "|" + "---|" * 2 + "---:|" * 8 + "---|" + "---:|" * depth
     rows = [head, sep]
     for m in report["methods"]:
         s = m["summary"]
         if s is None:
             fd = m["parity"]["first_divergence"]
-            cells = [f"FAILING: prompt {fd['prompt']} token {fd['index']}"] + [""] * (7 + depth)
+            cells = [f"FAILING: prompt {fd['prompt']} token {fd['index']}"] + [""] * (9 + depth)
             rows.append(f"| {m['name']} | " + " | ".join(cells) + " |")
             continue
         acc = [_fmt(a, ".2f") if a is not None else "" for a in s["acceptance_by_depth"][:depth]]
@@ -551,6 +571,8 @@ def format_table(report: dict[str, Any]) -> str:
             _fmt(s["ttft_s"] * 1e3, ".0f"),
             _fmt(s["peak_memory_bytes"] / 1e9, ".3f"),
             _fmt(m["extra_param_bytes"] / 1e6, ".1f"),
+            _fmt(s.get("mean_tree_size"), ".2f"),
+            ", ".join(f"{k} {v}" for k, v in sorted((s.get("accepted_by_source") or {}).items())),
             *acc,
         ]
         rows.append(f"| {m['name']} | " + " | ".join(cells) + " |")
@@ -684,9 +706,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    "ar always runs, as the baseline)")
     p.add_argument("--tree", action="append", default=None,
                    help="SS draft tree (repeatable: one row each): widths '3,2,1', "
-                   "'4,2,1:8' (with a node budget), JSON paths, a .json file, or 'default' (the "
-                   "model's own); default: the model's, plus the tuned tree when `ss-mlx tune` "
-                   "saved one for this machine")
+                   "'4,2,1:8' (with a node budget), JSON paths, a .json file, 'default' (the "
+                   "model's own) or 'dynamic' (streams + lookup, chosen per step); default: "
+                   "dynamic and the model's, plus the tuned tree when `ss-mlx tune` saved one")
     p.add_argument("--draft-model", help="draft model directory for the draft method")
     p.add_argument("--draft-layers", type=int, default=None,
                    help="layers of the self-draft when no --draft-model (default: a quarter)")
@@ -755,7 +777,9 @@ def build_methods(args: argparse.Namespace, model_dir: Path, ss_model: Any, base
             # "default" is the model's own tree (its config's, else the built-in default), not
             # the tuned one that generation would pick: the tuned tree gets its own row.
             own = ss_model.cfg.tree or default_tree(ss_model.num_streams)
-            trees: list[Any] = [own if t == "default" else t for t in args.tree or ["default"]]
+            # The dynamic hybrid tree (generation's default) and the model's static tree.
+            trees: list[Any] = [own if t == "default" else t
+                                for t in args.tree or ["dynamic", "default"]]
             names: list[str | None] = [None] * len(trees)
             if not args.tree:
                 tuned = load_tuned(model_dir)
@@ -765,7 +789,7 @@ def build_methods(args: argparse.Namespace, model_dir: Path, ss_model: Any, base
             seen = set()
             for tree, name in zip(trees, names, strict=True):
                 m = ss_method(ss_model, tree, name)
-                key = tuple(map(tuple, m.config["paths"]))
+                key = tuple(map(tuple, m.config.get("paths", [["dynamic"]])))
                 if key in seen:  # e.g. the tuned tree is already the model's default
                     skipped.append({"name": m.name, "reason": "same tree as an earlier row"})
                     continue

@@ -30,6 +30,8 @@ class StepToken(NamedTuple):
     draft_depth: int  # depth of the tree that pass verified (0 = no draft)
     rule: str = "greedy"  # the acceptance rule that produced it
     logprobs: mx.array | None = None  # (V,) log-softmax of the logits it was verified against
+    source: str = ""  # the draft source of a verified draft token ("" for the others)
+    tree_size: int = 1  # nodes of the tree that pass verified, the root included
 
 
 class Drafter(Protocol):
@@ -53,10 +55,15 @@ class Drafter(Protocol):
         main K/V rows to `cache` and returns main logits (T, V) plus whatever `draft` reads."""
         ...
 
+    def to_sync(self, out: Any, best: mx.array) -> list[mx.array]:
+        """Arrays the drafter will read on the host in `draft`: evaluated in the step's one
+        host sync, together with the verdict (usually none)."""
+        ...
+
     def draft(self, history: list[int], out: Any, best: mx.array, rule: AcceptRule) -> Draft:
-        """The next draft, from node `best` (a lazy () index) of the pass that returned `out`.
-        history: every token so far, the next root last. Device work should stay lazy: it is
-        evaluated with the next pass, so a step keeps one host sync."""
+        """The next draft, from node `best` (a () index, evaluated) of the pass that returned
+        `out`. history: every token so far, the next root last. Device work should stay lazy:
+        it is evaluated with the next pass, so a step keeps one host sync."""
         ...
 
 
@@ -130,14 +137,15 @@ def decode(
     valid = cache[0].offset  # cache rows that hold committed K/V
     try:
         while emitted != max_tokens:
-            start, tree = valid, draft.tree
+            start, tree, draft_sources = valid, draft.tree, draft.sources
             tokens = mx.concatenate([root, draft.tokens])  # (T,)
             logits, out = drafter.forward(tokens, start + tree.depths, tree.ancestor_mask, cache)
             if logits_processors:
                 logits = _process_per_node(logits_processors, history, draft, logits)
             verdict = rule.verify(draft, tokens, logits)
             path_tokens = tokens[verdict.path]
-            mx.eval(verdict.best, verdict.accepted, path_tokens, verdict.next_token)  # one sync
+            host = drafter.to_sync(out, verdict.best)
+            mx.eval(verdict.best, verdict.path, path_tokens, verdict.next_token, host)  # one sync
             n = verdict.accepted.item()
             commit_path(cache, start, verdict.path, n + 1)
             valid = start + n + 1
@@ -147,9 +155,11 @@ def decode(
             logprobs = node_logits - mx.logsumexp(node_logits, axis=-1, keepdims=True)
             if max_tokens < 0 or emitted + len(new) < max_tokens:
                 draft = drafter.draft(history, out, verdict.best, rule)
+            sources = _sources(draft_sources, verdict.path, n)
             for i, token in enumerate(new):
                 emitted += 1
-                yield StepToken(token, i < n, n, step, tree.depth, rule.name, logprobs[i])
+                yield StepToken(token, i < n, n, step, tree.depth, rule.name, logprobs[i],
+                                sources[i], tree.num_nodes)
                 if emitted == max_tokens:
                     break
             root = verdict.next_token[None].astype(mx.int32)
@@ -174,6 +184,13 @@ def _settle(
         # cache holds it (mlx-lm computes that step ahead of time), so run it.
         base(mx.array([[last]], dtype=mx.int32), cache=cache)
         mx.eval([c.state for c in cache])
+
+
+def _sources(sources: tuple[str, ...] | None, path: mx.array, n: int) -> list[str]:
+    """The source of each emitted token: the accepted draft nodes', then "" for the last."""
+    if sources is None:
+        return ["draft"] * n + [""]
+    return [sources[i - 1] for i in path.tolist()[1 : n + 1]] + [""]
 
 
 def _process_per_node(

@@ -230,13 +230,14 @@ class TypicalParams:
 
 
 class Draft(NamedTuple):
-    """A draft tree to verify: its topology, its (T - 1,) tokens in node order, and what an exact
+    """A draft tree to verify: its topology, its (T - 1,) tokens in node order, what an exact
     rule needs to test them (the (D, K) candidates and (D, V) log q for "rrs"/"coarse", else
-    None)."""
+    None), and optionally which source proposed each draft node (for statistics)."""
 
     tree: TreeSpec
     tokens: mx.array
     state: Any = None
+    sources: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -100,8 +100,12 @@ class NgramIndex:
     def continuations(self, depth: int, limit: int) -> list[list[int]]:
         """Up to `limit` distinct continuations of the current suffix: longest n-gram matches
         first, most recent match first within an n."""
+        return [cont for _, cont in self.matches(depth, limit)]
+
+    def matches(self, depth: int, limit: int) -> list[tuple[int, list[int]]]:
+        """`continuations`, each with the length n of the n-gram it matched."""
         L = len(self.tokens)
-        found: list[list[int]] = []
+        found: list[tuple[int, list[int]]] = []
         seen: set[tuple[int, ...]] = set()
         for n in range(min(self.max_n, L), self.min_n - 1, -1):
             for end in reversed(self._ends.get(tuple(self.tokens[L - n :]), ())):
@@ -110,7 +114,7 @@ class NgramIndex:
                 cont = tuple(self.tokens[end : end + depth])
                 if cont and cont not in seen:
                     seen.add(cont)
-                    found.append(list(cont))
+                    found.append((n, list(cont)))
                     if len(found) == limit:
                         return found
         return found
@@ -136,6 +140,9 @@ class LookupDrafter:
     ) -> tuple[mx.array, None]:
         logits, _ = plain_tree_forward(self.base, tokens, positions, ancestor_mask, cache)
         return logits, None
+
+    def to_sync(self, out: Any, best: mx.array) -> list[mx.array]:
+        return []
 
     def draft(self, history: list[int], out: Any, best: mx.array, rule: AcceptRule) -> Draft:
         return self._draft(history)

@@ -160,6 +160,9 @@ class MedusaDrafter:
     ) -> tuple[mx.array, mx.array]:
         return plain_tree_forward(self.base, tokens, positions, ancestor_mask, cache)
 
+    def to_sync(self, out: Any, best: mx.array) -> list[mx.array]:
+        return []
+
     def draft(
         self, history: list[int], hidden: mx.array, best: mx.array, rule: AcceptRule
     ) -> Draft:

@@ -38,6 +38,9 @@ class StreamDrafter:
         out = self.model.tree_step(tokens, positions, ancestor_mask, cache, self.tree.depth)
         return out.main_logits, out
 
+    def to_sync(self, out: Any, best: mx.array) -> list[mx.array]:
+        return []
+
     def draft(
         self, history: list[int], out: TreeOutput, best: mx.array, rule: AcceptRule
     ) -> Draft:

@@ -1,0 +1,325 @@
+"""One draft tree from every source, sized every step by confidence and the measured cost.
+
+Each step the candidates are: the streams' top-k continuations from the accepted node (when the
+pass computed streams) and n-gram continuations of the context (prompt + generated text, via
+prompt lookup). They are merged into one trie (shared prefixes once, each node remembering its
+sources) and every node gets an estimated probability of being accepted:
+
+* a stream node at depth d with stream probability q: ``q * cal_d`` per level along its path,
+  where ``cal_d`` is stream d's calibration (hits / predicted probability mass of the stream
+  nodes verified so far in this generation, from a prior);
+* a lookup node at depth d: the rate at which lookup drafts at depth d were accepted given
+  their parent was (counted in this generation, from a prior), along its path.
+
+Then the nodes of the next pass and the number of streams it computes are chosen to maximise
+expected tokens per unit of cost, ``(1 + sum of the chosen nodes' probabilities + expected
+stream gain) / cost(rows)``, with the pass cost by row count from ``ss-mlx tune``'s measurement
+of this machine (or a default curve). A node is kept only when it pays for itself, down to a
+root-only pass without streams, which runs mlx-lm's own one-token forward (the cost of plain
+autoregressive decoding). Verification is the loop's, so output is exactly as lossless as the
+rule; the drafts carry no distribution, so at temperature > 0 the exact "simple" rule is used.
+"""
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+
+from ..decode.tree import MAX_NODES, TreeSpec
+from ..decode.verify import AcceptRule, Draft
+from ..model.ss_model import SSModel, TreeOutput
+from ..tuned import DEFAULT_ROW_COST, CostCurve, cost_at
+from .lookup import NgramIndex
+
+STREAMS, LOOKUP = "streams", "lookup"
+
+
+@dataclass(frozen=True)
+class HybridConfig:
+    """Search limits of the dynamic tree (the cost model decides within them).
+
+    Args:
+        max_nodes: most tree nodes per pass, the root included.
+        stream_width: top-k tokens per stream considered.
+        max_stream_depth: most streams computed per pass (default: all).
+        lookup_depth: tokens proposed per n-gram match; lookup_candidates: distinct matches.
+        min_ngram, max_ngram: n-gram sizes matched, longest first.
+        explore_every: compute one stream every this many passes even when the streams look
+            hopeless, so their calibration can recover (0: never).
+    """
+
+    max_nodes: int = 16
+    stream_width: int = 4
+    max_stream_depth: int | None = None
+    lookup_depth: int = 6
+    lookup_candidates: int = 3
+    min_ngram: int = 1
+    max_ngram: int = 4
+    explore_every: int = 32
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_nodes <= MAX_NODES:
+            raise ValueError(f"max_nodes must be in [1, {MAX_NODES}], got {self.max_nodes!r}")
+        if self.stream_width < 1 or self.lookup_depth < 1 or self.lookup_candidates < 0:
+            raise ValueError("stream_width and lookup_depth must be >= 1, lookup_candidates >= 0")
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise ValueError("n-gram sizes need 1 <= min_ngram <= max_ngram")
+
+
+class Rate:
+    """A running ratio hits / trials with a prior worth `weight` trials."""
+
+    def __init__(self, prior: float, weight: float = 4.0):
+        self.hits, self.trials = prior * weight, weight
+
+    def add(self, hit: float, trial: float = 1.0) -> None:
+        self.hits += hit
+        self.trials += trial
+
+    @property
+    def value(self) -> float:
+        return self.hits / self.trials
+
+
+class _Node:
+    __slots__ = ("token", "depth", "parent", "prob", "sources", "stream_q", "stream_rank",
+                 "ngram", "children")
+
+    def __init__(self, token: int, depth: int, parent: "_Node | None"):
+        self.token, self.depth, self.parent = token, depth, parent
+        self.prob = 0.0
+        self.sources: set[str] = set()
+        self.stream_q = 0.0  # the stream's own probability of this token (stream nodes)
+        self.stream_rank = -1  # its rank in that stream (0 = the stream's top token)
+        self.ngram = 0  # the longest n-gram match that proposed it (lookup nodes)
+        self.children: dict[int, _Node] = {}
+
+
+class HybridDrafter:
+    """Streams + prompt lookup in one tree, chosen per step (see the module docstring)."""
+
+    has_distribution = False
+
+    def __init__(
+        self,
+        model: SSModel,
+        config: HybridConfig | None = None,
+        cost_curve: CostCurve = DEFAULT_ROW_COST,
+        stream_prior: tuple[float, ...] | None = None,
+        lookup_prior: tuple[float, ...] = (0.35, 0.7, 0.8),
+    ):
+        self.model, self.base = model, model.base
+        self.config = config or HybridConfig()
+        self.curve = cost_curve
+        G = model.num_streams
+        self.max_depth = min(G, self.config.max_stream_depth or G)
+        # Calibration of stream d: accepted / predicted probability mass (1 = calibrated).
+        prior = stream_prior or (0.4, 0.5, 0.6)
+        self.stream_cal = [Rate(1.0) for _ in range(G)]
+        # How often stream d's top token is right when its parent is: what computing d
+        # streams is expected to add to the next tree.
+        self.stream_top1 = [Rate(prior[min(d, len(prior) - 1)]) for d in range(G)]
+        # Lookup: P(depth-1 token right) by the matched n-gram's length (1, 2, 3+), then
+        # P(depth d right | depth d - 1 right).
+        self.lookup_first = [Rate(lookup_prior[0] * f) for f in (0.5, 1.0, 1.5)]
+        self.lookup_rate = [Rate(lookup_prior[min(d, len(lookup_prior) - 1)])
+                            for d in range(self.config.lookup_depth)]
+        self.index = NgramIndex(self.config.min_ngram, self.config.max_ngram)
+        self.trees: OrderedDict[tuple, TreeSpec] = OrderedDict()
+        self.stream_depth = 0  # streams the coming pass computes
+        self.steps = 0
+        self._nodes: list[_Node] = []  # the draft nodes of the tree being verified, node order
+        self._guesses: list[tuple[int, list[int]]] = []  # streams' top-1 guesses to score
+
+    # -- the loop's protocol
+
+    def first_draft(self, history: list[int]) -> Draft:
+        return self._choose(history, None)
+
+    def forward(
+        self, tokens: mx.array, positions: mx.array, ancestor_mask: mx.array, cache: list[Any]
+    ) -> tuple[mx.array, TreeOutput | None]:
+        if tokens.shape[0] == 1 and self.stream_depth == 0:
+            # Nothing to verify or draft: mlx-lm's own forward, the cost of an AR step.
+            return self.base(tokens[None], cache=cache)[0], None
+        out = self.model.tree_step(tokens, positions, ancestor_mask, cache, self.stream_depth)
+        return out.main_logits, out
+
+    def to_sync(self, out: TreeOutput | None, best: mx.array) -> list[mx.array]:
+        if out is None or self.stream_depth == 0:
+            return []
+        logits = self.model.stream_logits_at(out, best)  # (depth, V)
+        k = min(self.config.stream_width, logits.shape[-1])
+        top = mx.argpartition(-logits, kth=k - 1, axis=-1)[:, :k]  # (depth, k)
+        probs = mx.softmax(logits.astype(mx.float32), axis=-1)
+        self._top = (top, mx.take_along_axis(probs, top, axis=-1))
+        return list(self._top)
+
+    def draft(
+        self, history: list[int], out: TreeOutput | None, best: mx.array, rule: AcceptRule
+    ) -> Draft:
+        self._learn(history, int(best.item()))
+        self._score_guesses(history)
+        streams = None
+        if out is not None and self.stream_depth > 0:
+            top, probs = (a.tolist() for a in self._top)
+            streams = [sorted(zip(p, t, strict=True), reverse=True) for t, p in zip(top, probs,
+                                                                                     strict=True)]
+            # Stream j's top token is a guess for history[len(history) - 1 + j]; scored once
+            # those tokens are known, whether or not the tree used it.
+            self._guesses.append((len(history), [r[0][1] for r in streams]))
+        return self._choose(history, streams)
+
+    def _score_guesses(self, history: list[int]) -> None:
+        """Stream d's top-1 rate given streams < d were right, from the emitted tokens."""
+        keep = []
+        for at, guesses in self._guesses:
+            if at - 1 + len(guesses) >= len(history):
+                keep.append((at, guesses))
+                continue
+            for d, tok in enumerate(guesses):
+                hit = history[at + d] == tok
+                self.stream_top1[d].add(float(hit))
+                if not hit:
+                    break
+        self._guesses = keep
+
+    # -- learning from the last verification
+
+    def _learn(self, history: list[int], best: int) -> None:
+        """Score every verified node of the last tree: a node was tested when its parent was
+        accepted; it hit when it is on the accepted path."""
+        if not self._nodes:
+            return
+        accepted = set()
+        node = self._nodes[best - 1] if best > 0 else None
+        while node is not None:
+            accepted.add(id(node))
+            node = node.parent
+        for node in self._nodes:
+            if node.depth > 1 and id(node.parent) not in accepted:
+                continue  # never tested: its parent was rejected
+            hit = id(node) in accepted
+            d = node.depth - 1
+            if STREAMS in node.sources and d < len(self.stream_cal):
+                self.stream_cal[d].add(float(hit), node.stream_q)
+            if LOOKUP in node.sources:
+                rate = self.lookup_rate[d] if d else self.lookup_first[min(node.ngram, 3) - 1]
+                rate.add(float(hit))
+
+    # -- choosing the next tree
+
+    def _choose(self, history: list[int], streams: list[list[tuple[float, int]]] | None) -> Draft:
+        self.steps += 1
+        root = _Node(-1, 0, None)
+        root.prob = 1.0
+        if streams:
+            self._add_streams(root, streams)
+        for n, cand in self.context_matches(history):
+            self._add_chain(root, cand[: self.config.lookup_depth], n)
+        nodes = _by_probability(root)
+        T, depth = self._size(nodes)
+        chosen = nodes[: T - 1]
+        self.stream_depth = depth
+        return self._as_draft(chosen)
+
+    def context_matches(self, history: list[int]) -> list[tuple[int, list[int]]]:
+        """Continuations of the context, each with the n-gram length it matched (a subclass may
+        draw them from elsewhere: an index over earlier outputs, an oracle in tests)."""
+        self.index.extend(history[len(self.index.tokens) :])
+        if not self.config.lookup_candidates:
+            return []
+        return self.index.matches(self.config.lookup_depth, self.config.lookup_candidates)
+
+    def _add_streams(self, root: _Node, streams: list[list[tuple[float, int]]]) -> None:
+        """Best-first expansion of the streams' rank combinations (like a static tree's
+        budgeted product), probabilities calibrated per depth."""
+        limit = self.config.max_nodes
+        frontier = [root]
+        for d, ranked in enumerate(streams):
+            cal = self.stream_cal[d].value
+            grown = []
+            for parent in frontier:
+                for rank, (q, tok) in enumerate(ranked):
+                    p = parent.prob * min(1.0, q * cal)
+                    node = parent.children.get(tok)
+                    if node is None:
+                        node = parent.children[tok] = _Node(tok, d + 1, parent)
+                    node.prob = max(node.prob, p)
+                    node.stream_q = max(node.stream_q, q)
+                    node.stream_rank = rank
+                    node.sources.add(STREAMS)
+                    grown.append(node)
+            frontier = sorted(grown, key=lambda n: -n.prob)[:limit]
+
+    def _add_chain(self, root: _Node, tokens: list[int], ngram: int) -> None:
+        node, p = root, 1.0
+        for d, tok in enumerate(tokens):
+            p *= self.lookup_rate[d].value if d else self.lookup_first[min(ngram, 3) - 1].value
+            child = node.children.get(tok)
+            if child is None:
+                child = node.children[tok] = _Node(tok, d + 1, node)
+            child.prob = max(child.prob, p)
+            child.sources.add(LOOKUP)
+            child.ngram = max(child.ngram, ngram)
+            node = child
+
+    def _stream_gain(self, depth: int) -> float:
+        """Expected tokens the streams add to the next tree: the calibrated top-1 chain."""
+        gain, p = 0.0, 1.0
+        for d in range(depth):
+            p *= self.stream_top1[d].value
+            gain += p
+        return gain
+
+    def _size(self, nodes: list[_Node]) -> tuple[int, int]:
+        """(tree nodes T, streams to compute) maximising expected tokens per cost."""
+        limit = min(self.config.max_nodes, len(nodes) + 1)
+        explore = bool(self.config.explore_every) and self.steps % self.config.explore_every == 0
+        best, choice, gained = -1.0, (1, 0), [0.0]
+        for node in nodes[: limit - 1]:
+            gained.append(gained[-1] + node.prob)
+        for depth in range(self.max_depth + 1):
+            if explore and depth == 0 and self.max_depth > 0:
+                continue
+            extra = self._stream_gain(depth)
+            for T in range(1, limit + 1):
+                value = (1.0 + gained[T - 1] + extra) / cost_at(self.curve, T * (1 + depth))
+                if value > best + 1e-9:
+                    best, choice = value, (T, depth)
+        return choice
+
+    def _as_draft(self, chosen: list[_Node]) -> Draft:
+        """The chosen nodes (prefix-closed, most probable first) as a Draft: siblings ranked by
+        probability, nodes in the tree's breadth-first order."""
+        path_of: dict[int, tuple[int, ...]] = {}
+        siblings: dict[int, int] = {}
+        for node in chosen:  # parents come first
+            parent = node.parent
+            rank = siblings.get(id(parent), 0)
+            siblings[id(parent)] = rank + 1
+            path_of[id(node)] = (path_of[id(parent)] if parent.depth else ()) + (rank,)
+        key = tuple(sorted(path_of.values(), key=lambda p: (len(p), p)))
+        spec = self.trees.get(key)
+        if spec is None:
+            spec = self.trees[key] = TreeSpec([list(p) for p in key])
+            if len(self.trees) > 512:  # bounded: trees vary step to step
+                self.trees.popitem(last=False)
+        else:
+            self.trees.move_to_end(key)
+        at = {path_of[id(n)]: n for n in chosen}
+        self._nodes = [at[p] for p in spec.paths[1:]]
+        tokens = mx.array([n.token for n in self._nodes], dtype=mx.int32)
+        sources = tuple("+".join(sorted(n.sources)) for n in self._nodes)
+        return Draft(spec, tokens, None, sources)
+
+
+def _by_probability(root: _Node) -> list[_Node]:
+    """Every non-root node, most probable first; a child never precedes its parent."""
+    out, stack = [], list(root.children.values())
+    while stack:
+        node = stack.pop()
+        out.append(node)
+        stack.extend(node.children.values())
+    return sorted(out, key=lambda n: (-n.prob, n.depth))

@@ -1,0 +1,122 @@
+"""The dynamic hybrid draft tree: lossless for any source, and sized by what pays."""
+
+import zlib
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import MODEL_TYPES, tiny_ss_model
+from mlx_lm.generate import generate_step
+
+import ss_mlx  # noqa: F401  (OpenBLAS before mlx.core)
+from ss_mlx.decode.loop import decode
+from ss_mlx.decode.sampling import SamplerConfig
+from ss_mlx.decode.verify import AcceptRule
+from ss_mlx.drafters.hybrid import HybridConfig, HybridDrafter
+from ss_mlx.generation import ss_generate_step
+from ss_mlx.tuned import DEFAULT_ROW_COST
+
+GREEDY = AcceptRule("greedy", SamplerConfig())
+
+
+def ar_tokens(model, prompt, n):
+    return [int(t) for t, _ in generate_step(mx.array(prompt), model.base, max_tokens=n)]
+
+
+class OracleDrafter(HybridDrafter):
+    """The context source replaced: the true continuation (`right`), or tokens that are never
+    the model's (`wrong`), or a mix decided per step by `rng`."""
+
+    def __init__(self, model, truth, prompt_len, mode, rng=None, **kw):
+        super().__init__(model, **kw)
+        self.truth, self.prompt_len, self.mode, self.rng = truth, prompt_len, mode, rng
+
+    def context_matches(self, history):
+        done = len(history) - self.prompt_len
+        future = list(self.truth[done : done + 6])
+        if not future:
+            return []
+        wrong = [(t + 1 + i) % 128 for i, t in enumerate(future)]
+        mode = self.mode
+        if mode == "mixed":
+            mode = "right" if self.rng.random() < 0.5 else "wrong"
+        if mode == "wrong":
+            return [(3, wrong)]
+        cut = len(future)
+        if self.rng is not None:
+            cut = int(self.rng.integers(0, len(future) + 1))
+        return [(3, future[:cut] + wrong[cut:])]
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("mode", ["lookup", "right", "wrong", "mixed"])
+def test_hybrid_is_lossless(model_type, mode):
+    seed = zlib.crc32(f"{model_type}/{mode}".encode())
+    print(f"seed {seed}")
+    rng = np.random.default_rng(seed)
+    model = tiny_ss_model(model_type, num_streams=3, adapter_rank=int(rng.choice([0, 4])),
+                          stream_layers=int(rng.integers(1, 4)), seed=int(rng.integers(1000)))
+    motif = rng.integers(0, 128, size=5).tolist()
+    prompt = rng.integers(0, 128, size=int(rng.integers(1, 6))).tolist() + motif * 2
+    n = int(rng.integers(30, 60))
+    truth = ar_tokens(model, prompt, n + 8)
+    if mode == "lookup":
+        drafter = HybridDrafter(model)
+    else:
+        drafter = OracleDrafter(model, truth, len(prompt), mode, rng)
+    got = [s.token for s in decode(mx.array(prompt), drafter, GREEDY, max_tokens=n)]
+    assert got == truth[:n], f"seed {seed}, prompt {prompt}"
+
+
+def test_hopeless_drafts_give_root_only_passes():
+    """A source that is always wrong and random streams: after a short warm-up the tree is the
+    root alone, without streams, i.e. mlx-lm's own one-token step (cost curve of this CPU)."""
+    model = tiny_ss_model("llama", seed=1)
+    prompt = [5, 6, 7, 8]
+    truth = ar_tokens(model, prompt, 130)
+    drafter = OracleDrafter(model, truth, len(prompt), "wrong",
+                            config=HybridConfig(explore_every=0), cost_curve=DEFAULT_ROW_COST)
+    steps = list(decode(mx.array(prompt), drafter, GREEDY, max_tokens=120))
+    assert [s.token for s in steps] == truth[:120]
+    late = [s for s in steps if s.step >= 20]
+    assert all(s.tree_size == 1 for s in late), [s.tree_size for s in late]
+    assert drafter.stream_depth == 0
+
+
+def test_an_oracle_source_grows_a_deep_tree():
+    model = tiny_ss_model("qwen2", seed=2)
+    prompt = [9, 1, 9, 1]
+    truth = ar_tokens(model, prompt, 130)
+    drafter = OracleDrafter(model, truth, len(prompt), "right", cost_curve=DEFAULT_ROW_COST)
+    steps = list(decode(mx.array(prompt), drafter, GREEDY, max_tokens=120))
+    assert [s.token for s in steps] == truth[:120]
+    passes = steps[-1].step + 1
+    assert len(steps) / passes > 4.0  # 6-deep chains, nearly all accepted
+    assert max(s.draft_depth for s in steps) == 6
+    assert {s.source for s in steps if s.from_draft} >= {"lookup"}
+
+
+def test_exploration_keeps_measuring_the_streams():
+    model = tiny_ss_model("llama", seed=3)
+    prompt = [1, 2, 3]
+    drafter = HybridDrafter(model, HybridConfig(explore_every=4))
+    list(decode(mx.array(prompt), drafter, GREEDY, max_tokens=60))
+    tested = drafter.stream_top1[0].trials - 4.0  # minus the prior's weight
+    assert tested >= 60 // 4 // 2
+
+
+def test_dynamic_is_the_default_and_reports_sources():
+    model = tiny_ss_model("qwen3", seed=4)
+    prompt = [3, 4, 5, 3, 4, 5, 3, 4]
+    got = list(ss_generate_step(mx.array(prompt), model, max_tokens=40))
+    assert [s.token for s in got] == ar_tokens(model, prompt, 40)
+    sources = {s.source for s in got if s.from_draft}
+    assert sources and sources <= {"lookup", "streams", "lookup+streams"}
+    assert {s.source for s in got if not s.from_draft} == {""}
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="max_nodes"):
+        HybridConfig(max_nodes=0)
+    with pytest.raises(ValueError, match="max_nodes"):
+        HybridConfig(max_nodes=10_000)

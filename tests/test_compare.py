@@ -117,7 +117,6 @@ def test_compare_task_checks_each_method_against_its_own_reference(task_models, 
     assert rows["ar"]["tokens_per_pass"] == 1.0
     for r in rows.values():
         assert set(r["quality"]) == {"rouge1", "rougeL"}
-        assert r["tokens_per_pass"] >= 1.0 and r["latency_ms"] > 0
     assert rows["ss"]["extra_params"] == 3 * 64  # gamma x hidden, no adapters
     assert rows["medusa"]["extra_params"] == 3 * (64 * 64 + 64)
     assert rows["draft"]["draft_calls"] > 0 and rows["ss"]["draft_calls"] == 0

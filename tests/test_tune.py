@@ -129,7 +129,7 @@ def test_measure_ranks_over_prompts():
     model = tiny_ss_model("llama", num_streams=2)
     ranks = tune.measure_ranks(model, [[1, 2, 3], [4, 5, 6, 7]], max_tokens=8, progress=False)
     # Positions from the last prompt token while token t+1+G exists: 8 + 1 - 1 - 2 = 6 each.
-    assert ranks.shape == (12, 2) and ranks.min() >= 0
+    assert ranks.shape == (12, 2)
 
 
 def test_cli_tunes_saves_and_the_tree_generates(tmp_path, monkeypatch, capsys):

@@ -213,9 +213,10 @@ def generate_parser() -> argparse.ArgumentParser:
         "--max-kv-size",
         type=int,
         default=None,
-        help="mlx-lm's rotating KV cache size; Speculative Streaming cannot rewind a rotating "
-        "cache, so it is accepted only when prompt + --max-tokens fits (then the output is "
-        "mlx-lm's exactly) and refused otherwise",
+        help="mlx-lm's rotating KV cache size (mlx-lm ignores it for models that build their "
+        "own cache, such as llama, and so does ss-mlx); Speculative Streaming cannot rewind a "
+        "rotating cache, so elsewhere it is accepted only when prompt + --max-tokens fits "
+        "(then the output is mlx-lm's exactly) and refused otherwise",
     )
     p.add_argument(
         "--prefill-step-size",
@@ -254,6 +255,12 @@ def generate_parser() -> argparse.ArgumentParser:
         default=None,
         help="mlx-lm's separate draft model; refused: the model drafts with its own streams "
         "(see --tree)",
+    )
+    p.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=None,
+        help="only with --draft-model (refused); the draft here is --tree",
     )
     p.add_argument(
         "--tree",
@@ -416,11 +423,11 @@ def _generate(argv: list[str] | None) -> None:
         *((t, "--extra-eos-token") for t in args.extra_eos_token),
     ):
         check_text(value, what)
-    if args.draft_model is not None:
+    if args.draft_model is not None or args.num_draft_tokens is not None:
         raise CLIError(
-            "--draft-model: Speculative Streaming drafts with the model's own streams and needs "
-            "no draft model (shape the draft with --tree; `ss-mlx bench --methods draft` "
-            "measures two-model speculative decoding)"
+            "--draft-model / --num-draft-tokens: Speculative Streaming drafts with the "
+            "model's own streams and needs no draft model (shape the draft with --tree; "
+            "`ss-mlx bench --methods draft` measures two-model speculative decoding)"
         )
     if args.xtc_probability > 0 and args.temp > 0:
         raise CLIError(

@@ -139,13 +139,14 @@ def ss_generate_step(
         max_kv_size, kv_bits, kv_group_size, quantized_kv_start: mlx-lm's rotating and
             quantized KV caches. A tree pass must drop its rejected nodes, which neither cache
             can do, so these are accepted only where mlx-lm's cache would never rotate (the
-            context fits in ``max_kv_size``) or quantize (it stays below
-            ``quantized_kv_start``): there a plain cache gives exactly mlx-lm's output.
+            context fits in ``max_kv_size``, or mlx-lm ignores it: with a prompt cache, or a
+            model with its own ``make_cache`` such as llama) or quantize (the context stays
+            below ``quantized_kv_start``): there a plain cache gives exactly mlx-lm's output.
             Otherwise a ValueError says so.
         stream: the stream the computation runs on (mlx-lm's thread-local generation stream
             by default, as mlx-lm's ``generate_step``).
     """
-    _check_cache_limits(prompt, max_tokens, prompt_cache, max_kv_size, kv_bits,
+    _check_cache_limits(model, prompt, max_tokens, prompt_cache, max_kv_size, kv_bits,
                         quantized_kv_start)
     spec = resolve_tree(model, tree)
     settings = sampler_settings(sampler) if sampler is not None else SamplerConfig()
@@ -203,7 +204,16 @@ def _on_stream(gen: Generator[StepToken, None, None], stream: Any) -> Generator[
             gen.close()  # the loop's cleanup (settling the prompt cache) runs there too
 
 
+def _rotates(model: SSModel, max_kv_size: int) -> bool:
+    from mlx_lm.models.cache import KVCache
+    from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
+
+    base = getattr(model, "base", model)
+    return any(type(c) is not KVCache for c in mlx_lm_cache(base, max_kv_size=max_kv_size))
+
+
 def _check_cache_limits(
+    model: SSModel,
     prompt: Any,
     max_tokens: int,
     prompt_cache: list[Any] | None,
@@ -216,7 +226,9 @@ def _check_cache_limits(
     if not isinstance(size, int):
         return  # decode's own checks reject the prompt with a better message
     unbounded = max_tokens < 0
-    if max_kv_size is not None and prompt_cache is None:  # mlx-lm ignores it with a cache
+    # mlx-lm ignores max_kv_size with a prompt cache, and for models with their own
+    # make_cache (llama): refuse only where it would really build a rotating cache.
+    if max_kv_size is not None and prompt_cache is None and _rotates(model, max_kv_size):
         need = size + max_tokens
         if unbounded or need > max_kv_size:
             why = "max_tokens=-1 has no limit" if unbounded else (

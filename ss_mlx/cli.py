@@ -67,12 +67,17 @@ def main(argv: list[str] | None = None) -> None:
     target, _, extra = COMMANDS[command]
     module_name, _, function = target.partition(":")
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if extra is None or e.name is None or e.name.startswith("ss_mlx"):
-            raise
-        sys.exit(f"ss-mlx {command}: needs {e.name!r}; install it with: pip install '{extra}'")
-    code = getattr(module, function)(rest)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if extra is None or e.name is None or e.name.startswith("ss_mlx"):
+                raise
+            sys.exit(f"ss-mlx {command}: needs {e.name!r}; install it with: pip install '{extra}'")
+        code = getattr(module, function)(rest)
+    except KeyboardInterrupt:  # Ctrl-C in any command: one line, status 130, no traceback
+        sys.stdout.flush()
+        print(f"\nss-mlx {command}: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
     if isinstance(code, int) and code:
         sys.exit(code)
 

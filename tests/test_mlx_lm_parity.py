@@ -109,3 +109,45 @@ def test_same_script_same_output(ss_dir, tmp_path):
     assert ours == theirs
     assert theirs["generate_text"] and theirs["cache_turns"][2]
     assert len(theirs["unbounded"]) == 40
+
+
+
+def test_generation_stream_and_wired_limit(ss_dir, monkeypatch):
+    """Steps run on the given stream (default: mlx-lm's thread-local generation stream), the
+    caller keeps its own default stream between tokens, and stream_generate runs inside
+    wired_limit with that stream, as mlx-lm's does."""
+    import contextlib
+
+    import mlx.core as mx
+    from mlx_lm.generate import generation_stream
+
+    import ss_mlx
+    from ss_mlx import generation
+
+    model, tokenizer = ss_mlx.load(str(ss_dir))
+    mine = mx.new_stream(mx.cpu)
+    inside, outside = [], []
+
+    def spy(tokens, logits):  # called by the decoding loop, once per tree node
+        inside.append(mx.default_stream(mx.default_device()))
+        return logits
+
+    caller = mx.default_stream(mx.default_device())
+    for _ in ss_mlx.ss_generate_step(mx.array([1, 2, 3]), model, max_tokens=4, stream=mine,
+                                     logits_processors=[spy]):  # fmt: skip
+        outside.append(mx.default_stream(mx.default_device()))
+    assert inside and all(x == mine for x in inside) and all(x == caller for x in outside)
+
+    entered = []
+
+    @contextlib.contextmanager
+    def wired(m, streams):
+        entered.append((m, streams))
+        yield
+        entered.append("exit")
+
+    monkeypatch.setattr(generation, "wired_limit", wired)
+    rs = list(ss_mlx.stream_generate(model, tokenizer, [5, 6, 7], 3))  # max_tokens positional
+    assert len(rs) == 3 and entered == [(model, [generation_stream]), "exit"]
+    with pytest.raises(ValueError, match="draft_model is not supported"):
+        list(ss_mlx.stream_generate(model, tokenizer, [5, 6], 3, model))

@@ -368,6 +368,11 @@ def load_cache_file(path: str) -> tuple[list[Any], dict[str, str]]:
         if key not in metadata:
             raise CLIError(f"--prompt-cache-file {path}: its metadata has no {key!r}")
     try:
+        if not isinstance(json.loads(metadata["tokenizer_config"]), dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise CLIError(f"--prompt-cache-file {path}: bad tokenizer_config metadata ({e})") from None
+    try:
         check_cache(cache)
     except ValueError as e:
         raise CLIError(

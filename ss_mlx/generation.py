@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
+from mlx_lm.generate import generation_stream, wired_limit
 from mlx_lm.sample_utils import LogitsProcessor
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -24,6 +25,7 @@ from .tuned import load_tuned, load_tuned_tree, row_cost_curve
 DYNAMIC = "dynamic"
 
 DEFAULT_MAX_TOKENS = 256
+DEFAULT_QUANTIZED_KV_START = 5000  # mlx-lm's
 
 
 @dataclass
@@ -118,6 +120,11 @@ def ss_generate_step(
     logits_processors: Sequence[LogitsProcessor] | None = None,
     coarse_theta: float = 0.8,
     prompt_progress_callback: Callable[[int, int], None] | None = None,
+    max_kv_size: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
+    stream: mx.Stream | Any = generation_stream,
 ) -> Generator[StepToken, None, None]:
     """Speculative Streaming decoding, token by token.
 
@@ -148,8 +155,19 @@ def ss_generate_step(
             node ``tokens`` is that node's own history (prompt, emitted tokens, its path).
         coarse_theta: embedding-cosine threshold of the relaxed "coarse" rule's token groups.
         prompt_progress_callback: ``callback(done, total)`` during prefill, as mlx-lm's.
+        max_kv_size, kv_bits, kv_group_size, quantized_kv_start: mlx-lm's rotating and
+            quantized KV caches. A tree pass must drop its rejected nodes, which neither cache
+            can do, so these are accepted only where mlx-lm's cache would never rotate (the
+            context fits in ``max_kv_size``, or mlx-lm ignores it: with a prompt cache, or a
+            model with its own ``make_cache`` such as llama) or quantize (the context stays
+            below ``quantized_kv_start``): there a plain cache gives exactly mlx-lm's output.
+            Otherwise a ValueError says so.
+        stream: the stream the computation runs on (mlx-lm's thread-local generation stream
+            by default, as mlx-lm's ``generate_step``).
     """
     model = _check_model(model)
+    _check_cache_limits(model, prompt, max_tokens, prompt_cache, max_kv_size, kv_bits,
+                        quantized_kv_start)
     if tree in (None, DYNAMIC) and drafter is None:
         source: Any = dynamic_drafter(model)
     else:
@@ -161,7 +179,7 @@ def ss_generate_step(
     if name == "coarse":
         groups = groups_for_model(model.inner.embed_tokens, coarse_theta, cache_root() / "coarse")
     rule = AcceptRule(name, settings, typical or TypicalParams(), groups)
-    yield from decode(
+    gen = decode(
         prompt,
         source,
         rule,
@@ -169,8 +187,94 @@ def ss_generate_step(
         prompt_cache=prompt_cache,
         prefill_step_size=prefill_step_size,
         logits_processors=logits_processors,
-        prompt_progress_callback=prompt_progress_callback,
+        prompt_progress_callback=(
+            None if prompt_progress_callback is None
+            else lambda done, _: prompt_progress_callback(done, getattr(prompt, "size", 0))
+        ),
     )
+    gen = _on_stream(gen, stream)
+    if prompt_progress_callback is None:
+        yield from gen
+        return
+    # mlx-lm's callback sequence: (0, L), chunks (done, L), then (L, L) with the first token.
+    total, report = getattr(prompt, "size", 0), prompt_progress_callback
+    report(0, total)
+    done = False
+    try:
+        for st in gen:
+            if not done:
+                report(total, total)
+                done = True
+            yield st
+    finally:
+        gen.close()
+    if not done:
+        report(total, total)
+
+
+def _on_stream(gen: Generator[StepToken, None, None], stream: Any) -> Generator[StepToken]:
+    """Run each step of `gen` with `stream` as the default stream, as mlx-lm's generate_step
+    does; the caller's code between tokens keeps its own default stream."""
+    try:
+        while True:
+            with mx.stream(stream):
+                try:
+                    item = next(gen)
+                except StopIteration:
+                    return
+            yield item
+    finally:
+        with mx.stream(stream):
+            gen.close()  # the loop's cleanup (settling the prompt cache) runs there too
+
+
+def _rotates(model: SSModel, max_kv_size: int) -> bool:
+    from mlx_lm.models.cache import KVCache
+    from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
+
+    base = getattr(model, "base", model)
+    return any(type(c) is not KVCache for c in mlx_lm_cache(base, max_kv_size=max_kv_size))
+
+
+def _check_cache_limits(
+    model: SSModel,
+    prompt: Any,
+    max_tokens: int,
+    prompt_cache: list[Any] | None,
+    max_kv_size: int | None,
+    kv_bits: int | None,
+    quantized_kv_start: int,
+) -> None:
+    """Refuse mlx-lm's rotating / quantized caches where they would change the output."""
+    size = getattr(prompt, "size", None)
+    if not isinstance(size, int):
+        return  # decode's own checks reject the prompt with a better message
+    unbounded = max_tokens < 0
+    # mlx-lm ignores max_kv_size with a prompt cache, and for models with their own
+    # make_cache (llama): refuse only where it would really build a rotating cache.
+    if max_kv_size is not None and prompt_cache is None and _rotates(model, max_kv_size):
+        need = size + max_tokens
+        if unbounded or need > max_kv_size:
+            why = "max_tokens=-1 has no limit" if unbounded else (
+                f"the prompt ({size}) plus max_tokens ({max_tokens}) is {need} tokens")
+            raise ValueError(
+                f"max_kv_size={max_kv_size}: Speculative Streaming cannot use a rotating KV "
+                "cache (a tree pass must rewind its rejected nodes, and a rotating cache that "
+                "has wrapped around cannot), and a plain cache equals mlx-lm's rotating one "
+                f"only while the context fits; {why}: raise max_kv_size, lower max_tokens, or "
+                "leave max_kv_size unset"
+            )
+    if kv_bits is not None:
+        start = prompt_cache[0].offset if prompt_cache else 0
+        need = start + size + max_tokens
+        if unbounded or need >= quantized_kv_start:
+            why = "max_tokens=-1 has no limit" if unbounded else f"the context reaches {need}"
+            raise ValueError(
+                f"kv_bits={kv_bits}: Speculative Streaming cannot use a quantized KV cache "
+                "(tree verification rewinds and compacts cache rows), and mlx-lm quantizes "
+                f"once the context reaches quantized_kv_start={quantized_kv_start} tokens; "
+                f"{why}: leave kv_bits unset or raise quantized_kv_start"
+            )
 
 
 def encode_prompt(
@@ -208,9 +312,10 @@ def stream_generate(
     model: SSModel,
     tokenizer: Any,
     prompt: str | Sequence[int] | mx.array,
-    draft_model: Any = None,
-    *,
     max_tokens: int = DEFAULT_MAX_TOKENS,
+    draft_model: Any = None,
+    stream: mx.Stream | Any = generation_stream,
+    *,
     apply_chat_template: bool = False,
     system_prompt: str | None = None,
     temp: float = 0.0,
@@ -228,9 +333,11 @@ def stream_generate(
         model: an SSModel from :func:`ss_mlx.load`.
         tokenizer: its tokenizer.
         prompt: text, or token ids.
+        max_tokens: maximum number of tokens to generate (-1: no limit).
         draft_model: mlx-lm's two-model speculative decoding; not needed here (the model
             drafts for itself), so anything but None is refused.
-        max_tokens: maximum number of tokens to generate (-1: no limit).
+        stream: the stream generation runs on (default: mlx-lm's generation stream); as in
+            mlx-lm, generation runs inside ``mlx_lm.generate.wired_limit`` (Metal only).
         apply_chat_template: wrap a text prompt as a user message with the tokenizer's chat
             template (when it has one). Default: ``False``, as in mlx-lm's API.
         system_prompt: system message used with the chat template.
@@ -283,29 +390,32 @@ def stream_generate(
             accept_rule=st.rule,
         )
 
-    gen = ss_generate_step(ids, model, max_tokens=max_tokens, sampler=sampler, **kwargs)
+    gen = ss_generate_step(
+        ids, model, max_tokens=max_tokens, sampler=sampler, stream=stream, **kwargs
+    )
     last, count, finish = None, 0, "length"
-    try:
-        for count, st in enumerate(gen, start=1):
-            if count == 1:
-                # The first token comes from the pass right after prefill: count it as prompt time.
-                prompt_tps = ids.size / (time.perf_counter() - tic)
-                tic = time.perf_counter()
-            if st.token in eos:
-                last, finish = st, "stop"
-                break
-            detokenizer.add_token(st.token)
-            if count == max_tokens:
+    with wired_limit(model, [stream]):
+        try:
+            for count, st in enumerate(gen, start=1):
+                if count == 1:
+                    # The first token comes from the pass right after prefill: prompt time.
+                    prompt_tps = ids.size / (time.perf_counter() - tic)
+                    tic = time.perf_counter()
+                if st.token in eos:
+                    last, finish = st, "stop"
+                    break
+                detokenizer.add_token(st.token)
+                if count == max_tokens:
+                    last = st
+                    break
+                yield response(st, count, None)
                 last = st
-                break
-            yield response(st, count, None)
-            last = st
-    finally:
-        gen.close()
-    if last is None:
-        return
-    detokenizer.finalize()
-    yield response(last, count, finish)
+        finally:
+            gen.close()
+        if last is None:
+            return
+        detokenizer.finalize()
+        yield response(last, count, finish)
 
 
 def generate(
@@ -324,13 +434,20 @@ def generate(
         kwargs.pop("formatter")
     text = ""
     last = None
+    header = "=" * 10 + "\n" if verbose else ""
     for last in stream_generate(model, tokenizer, prompt, **kwargs):
         if verbose:
-            print(last.text, end="", flush=True)
+            # mlx-lm prints the header first; printing it with the first token keeps a bad
+            # argument's error (raised when generation starts) from following a header.
+            print(header + last.text, end="", flush=True)
+            header = ""
         text += last.text
-    if verbose and last is not None:
-        print()
+    if verbose:
+        print(header)
         print("=" * 10)
+    if verbose and (last is None or not text):
+        print("No text generated for this prompt")
+    elif verbose:
         print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
         print(
             f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec"

@@ -179,6 +179,8 @@ def test_cli_init_and_generate(tiny_model_dir, tmp_path, capsys):
             "--max-tokens",
             "10",
             "--ignore-chat-template",
+            "--verbose",
+            "False",
         ]
     )
     text = capsys.readouterr().out.strip()

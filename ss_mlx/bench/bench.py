@@ -630,6 +630,8 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .machine import MARKERS, model_label, plot_subtitle
+
     curve = report.get("verify_cost")
     panels = 3 if curve else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
@@ -657,7 +659,8 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
             continue
         acc = s["acceptance_by_depth"]
         xs = [d + 1 for d, a in enumerate(acc) if a is not None]
-        ax.plot(xs, [a for a in acc if a is not None], marker="o", label=m["name"])
+        marker = MARKERS[len(ax.get_lines()) % len(MARKERS)]
+        ax.plot(xs, [a for a in acc if a is not None], marker=marker, label=m["name"])
     ax.set_xlabel("draft depth d")
     ax.set_ylabel("P(accepted >= d)")
     ax.set_ylim(0, 1)
@@ -671,7 +674,10 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
         ax.set_ylabel("pass time / time at T = 1")
         ax.set_title(f"verify cost ({curve.get('pass', '')})")
     ds = report.get("dataset", {}).get("name", "")
-    fig.suptitle(f"ss-mlx bench: {report.get('model', {}).get('path', '')} on {ds}", fontsize=9)
+    model = report.get("model", {})
+    fig.suptitle(f"ss-mlx bench: {model_label(model.get('path'))} on {ds}\n"
+                 + plot_subtitle(report.get("machine"), model.get("path"), model.get("dtype")),
+                 fontsize=9)
     fig.tight_layout()
     savefig(fig, path)
     plt.close(fig)
@@ -852,7 +858,10 @@ def main(argv: list[str] | None = None) -> None:
     args = setup_arg_parser().parse_args(argv)
     from ..loader import resolve_model_path
     from .datasets import DatasetError, encode_prompt, load_prompts
-    from .machine import describe_machine
+    from .machine import describe_machine, require_matplotlib
+
+    if args.plot:
+        require_matplotlib("bench")
 
     try:
         if args.model is None:

@@ -260,20 +260,28 @@ def plot_reports(reports: list[dict[str, Any]], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .machine import model_label, plot_subtitle
 
-    fig, axes = plt.subplots(1, len(reports), figsize=(5.5 * len(reports), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(reports), figsize=(5.5 * len(reports), 4.6), squeeze=False)
     for ax, rep in zip(axes[0], reports, strict=True):
         rows = [r for r in rep["methods"] if r["name"] != SS_REFERENCE]
         xs = range(len(rows))
         ax.bar([x - 0.2 for x in xs], [r.get("speedup") or 0 for r in rows], 0.4,
                label="speedup vs baseline AR")
         ax.bar([x + 0.2 for x in xs], [r.get("tokens_per_pass") or 0 for r in rows], 0.4,
-               label="tokens / target pass")
+               label="tokens / target pass", hatch="//")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xticks(list(xs), [f"{r['name']}\n{_q(r)}" for r in rows], fontsize=8)
         metric = "/".join(rep["methods"][0]["quality"])
-        ax.set_title(f"{rep['task']['name']} (under each method: {metric})", fontsize=9)
-        ax.legend(fontsize=8)
+        ax.set_ylabel("speedup (x) | tokens per target pass")
+        models = ", ".join(dict.fromkeys(model_label(r.get("model")) for r in rows))
+        ax.set_title(f"{rep['task']['name']} (under each method: {metric})\nmodels: {models}",
+                     fontsize=8)
+        ax.margins(y=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    machines = dict.fromkeys(plot_subtitle(rep.get("machine")) for rep in reports)
+    fig.suptitle("ss-mlx compare\n" + "\n".join(m.replace(" | ", ", ", 1) for m in machines),
+                 fontsize=8)
     fig.tight_layout()
     savefig(fig, path)
     plt.close(fig)
@@ -313,6 +321,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = setup_arg_parser().parse_args(argv)
     from .datasets import DatasetError
+    from .machine import require_matplotlib
+
+    if args.plot:
+        require_matplotlib("compare")
 
     for name in ("baseline", "ss", "medusa", "draft", "ss_lossless"):
         d = getattr(args, name)

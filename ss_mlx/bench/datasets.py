@@ -126,6 +126,19 @@ def data_root(root: str | Path | None = None) -> Path:
     return Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
+def missing_root_hint(root: str | Path | None, needed: str) -> str:
+    """What to pass when a data file is absent; from an installed package (a wheel) there is no
+    checkout, so no default ../shared/data, and the message says so."""
+    how = f"pass --data-root DIR or set {ENV_DATA}=DIR, where DIR holds {needed}"
+    if root is None and not os.environ.get(ENV_DATA):
+        checkout = Path(__file__).resolve().parents[2]
+        if not (checkout / "pyproject.toml").is_file():
+            return (f"ss-mlx is installed as a package, so there is no default data folder "
+                    f"(../shared/data beside a checkout): {how}")
+        return f"the default is {data_root()} (../shared/data beside the checkout): {how}"
+    return how
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line; DatasetError for anything else."""
     path = Path(path)
@@ -257,8 +270,8 @@ def load_prompts(
         path = base / spec.file
         if not path.is_file():
             raise DatasetError(
-                f"data set {key!r} reads {path}, which does not exist; set ${ENV_DATA} or pass "
-                f"--data-root to the folder holding {spec.file}"
+                f"data set {key!r} reads {path}, which does not exist; "
+                f"{missing_root_hint(root, spec.file)} (or give a .jsonl file of prompts)"
             )
         excluded = [base / f for f in spec.exclude]
         name = key

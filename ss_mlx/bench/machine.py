@@ -87,3 +87,47 @@ def summary_line(desc: dict[str, Any]) -> str:
         f"Python {desc['python']}, dtype {desc['dtype']}, BLAS {desc['blas']}, "
         f"ss-mlx {desc['ss_mlx']} ({desc['ss_mlx_commit'] or 'no git'})"
     )
+
+
+# Distinct markers, so lines that coincide stay visible.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def model_label(model: str | Path | None) -> str:
+    """A model's name for a plot: a local directory's own name, never its absolute path (a Hub
+    repo id is kept whole)."""
+    if not model:
+        return ""
+    text = str(model)
+    path = Path(text).expanduser()
+    return path.name if path.is_absolute() or path.exists() or text.startswith(".") else text
+
+
+def plot_subtitle(
+    machine: dict[str, Any] | None, model: str | Path | None = None, dtype: str | None = None
+) -> str:
+    """The line under a plot's title: model, dtype and machine (no local paths)."""
+    m = machine or {}
+    parts = []
+    if model_label(model):
+        parts.append(f"model {model_label(model)}")
+    if dtype or m.get("dtype"):
+        parts.append(str(dtype or m.get("dtype")))
+    if m.get("cpu"):
+        parts.append(f"{m['cpu']} ({m.get('cpu_count')} cores)")
+    device = str((m.get("backend") or {}).get("device") or "")
+    if device:
+        device = device.removeprefix("Device(").split(",")[0].rstrip(")")  # "Device(cpu, 0)"
+        parts.append(f"MLX {m.get('mlx', '')} {device}".replace("  ", " "))
+    if m.get("os"):
+        parts.append(str(m["os"]).split("-with-")[0])
+    return " | ".join(parts)
+
+
+def require_matplotlib(command: str) -> None:
+    """Exit with a one-line fix before any measuring when --plot cannot be drawn."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        sys.exit(f"ss-mlx {command}: error: --plot needs matplotlib, which is not installed: "
+                 "pip install 'ss-mlx[bench]' (or drop --plot)")

@@ -23,7 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .datasets import DATASETS, DatasetError, data_root, read_jsonl, split_wikisql
+from .datasets import (
+    DATASETS,
+    DatasetError,
+    data_root,
+    missing_root_hint,
+    read_jsonl,
+    split_wikisql,
+)
 
 
 @dataclass(frozen=True)
@@ -101,7 +108,8 @@ def _wikisql_pairs(path: Path) -> list[tuple[str, str]]:
 def _pairs(task: Task, rel: str, root: str | Path | None) -> list[tuple[str, str]]:
     path = data_root(root) / rel
     if not path.is_file():
-        raise DatasetError(f"task {task.name!r} reads {path}, which does not exist")
+        raise DatasetError(f"task {task.name!r} reads {path}, which does not exist; "
+                           f"{missing_root_hint(root, rel)}")
     return _e2e_pairs(path) if task.name == "e2e" else _wikisql_pairs(path)
 
 

@@ -372,12 +372,14 @@ def plot_tuning(record: dict[str, Any], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .machine import MARKERS, model_label, plot_subtitle
 
     curve = record["verify_cost"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
     ax.plot(curve["T"], curve["relative"], marker=".", label="measured")
-    ax.plot(curve["T"], monotone_cost(curve["relative"]), ls="--", label="used (monotone)")
+    ax.plot(curve["T"], monotone_cost(curve["relative"]), ls="--", marker="x",
+            label="used (monotone)")
     T = record["choice"]["num_nodes"]
     ax.axvline(T, color="tab:red", ls=":", label=f"chosen tree: {T} nodes")
     ax.set_xlabel("tree nodes T (rows verified per pass)")
@@ -387,14 +389,17 @@ def plot_tuning(record: dict[str, Any], path: str | Path) -> None:
     ax = axes[1]
     probs = np.array(record["acceptance"]["rank_probs"])
     for r in range(min(4, probs.shape[1])):
-        ax.plot(range(1, probs.shape[0] + 1), probs[:, r], marker="o", label=f"rank {r}")
+        ax.plot(range(1, probs.shape[0] + 1), probs[:, r], marker=MARKERS[r % len(MARKERS)],
+                label=f"rank {r}")
     ax.set_xticks(range(1, probs.shape[0] + 1))
     ax.set_xlabel("stream (draft depth)")
     ax.set_ylabel("P(true token has this rank)")
     ax.set_title("stream acceptance")
     ax.set_ylim(0, 1)
     ax.legend()
-    fig.suptitle(f"ss-mlx tune: {record['model']['path']}", fontsize=9)
+    model = record["model"]["path"]
+    fig.suptitle(f"ss-mlx tune: {model_label(model)}\n"
+                 + plot_subtitle(record.get("machine"), model), fontsize=9)
     fig.tight_layout()
     savefig(fig, path)
     plt.close(fig)
@@ -451,6 +456,10 @@ def main(argv: list[str] | None = None) -> None:
     args = setup_arg_parser().parse_args(argv)
     from ..loader import load, resolve_model_path
     from .datasets import DatasetError
+    from .machine import require_matplotlib
+
+    if args.plot:
+        require_matplotlib("tune")
 
     try:
         if args.model is None:
@@ -513,14 +522,13 @@ def main(argv: list[str] | None = None) -> None:
           f"{choice['relative_cost']:.2f}, predicted speedup vs AR {predicted:.2f}x")
     if predicted < 1.0:
         print("  warning: no tree is predicted to beat autoregressive decoding on this machine")
+    if not args.no_save:  # before plotting: a failing plot must not lose the tuned tree
+        print(f"Saved: {save_tuned(model_dir, record)}")
     if args.json:
-
         write_text(args.json, dump_json(record))
     if args.plot:
         plot_tuning(record, args.plot)
         print(f"Plot: {args.plot}")
-    if not args.no_save:
-        print(f"Saved: {save_tuned(model_dir, record)}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ ALLOWED = {
     "ss_mlx.model": {"ss_mlx.config"},
     "ss_mlx.decode": {"ss_mlx.config"},
     "ss_mlx.tuned": {"ss_mlx._blas", "ss_mlx.config", "ss_mlx.files", "ss_mlx.decode"},
-    "ss_mlx.drafters": {"ss_mlx.config", "ss_mlx.files", "ss_mlx.decode", "ss_mlx.model"},
+    "ss_mlx.drafters": {"ss_mlx.config", "ss_mlx.files", "ss_mlx.decode", "ss_mlx.model",
+                        "ss_mlx.tuned"},
     "ss_mlx.loader": {"ss_mlx.config", "ss_mlx.files", "ss_mlx.decode", "ss_mlx.model"},
 }
 RUNTIME = ("ss_mlx.model", "ss_mlx.decode", "ss_mlx.drafters", "ss_mlx.loader",

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def generate_parser() -> argparse.ArgumentParser:
+    from . import cliargs
     from .decode.verify import ACCEPT_RULES, TypicalParams
     from .generation import DEFAULT_MAX_TOKENS
 
@@ -71,8 +72,9 @@ def generate_parser() -> argparse.ArgumentParser:
         prog="ss-mlx generate", description="Generate text with Speculative Streaming."
     )
     p.add_argument("--model", help="SS model directory (default: the embedded default model)")
-    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="prompt text ('-' reads stdin)")
-    p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, type=cliargs.utf8_text,
+                   help="prompt text ('-' reads stdin)")
+    p.add_argument("--max-tokens", "-m", type=cliargs.max_tokens, default=DEFAULT_MAX_TOKENS)
     p.add_argument(
         "--tree",
         help="draft tree: widths '3,2,1', widths with node budget "
@@ -82,7 +84,7 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=cliargs.seed, default=None)
     p.add_argument(
         "--accept-rule",
         choices=ACCEPT_RULES,
@@ -98,9 +100,9 @@ def generate_parser() -> argparse.ArgumentParser:
         default=0.8,
         help="embedding-cosine threshold of the relaxed 'coarse' rule's token groups",
     )
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--repetition-context-size", type=int, default=20)
-    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--repetition-penalty", type=cliargs.positive_float, default=None)
+    p.add_argument("--repetition-context-size", type=cliargs.int_at_least(1), default=20)
+    p.add_argument("--system-prompt", default=None, type=cliargs.utf8_text)
     p.add_argument(
         "--ignore-chat-template",
         action="store_true",
@@ -114,6 +116,7 @@ def generate_main(argv: list[str] | None = None) -> None:
     args = generate_parser().parse_args(argv)
     from mlx_lm.sample_utils import make_logits_processors
 
+    from .cliargs import read_stdin_text
     from .decode.verify import TypicalParams
     from .generation import generate
     from .loader import load
@@ -124,7 +127,7 @@ def generate_main(argv: list[str] | None = None) -> None:
 
             args.model = ensure_default_model()
         model, tokenizer = load(args.model)
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        prompt = read_stdin_text("--prompt -") if args.prompt == "-" else args.prompt
         processors = make_logits_processors(
             repetition_penalty=args.repetition_penalty,
             repetition_context_size=args.repetition_context_size,

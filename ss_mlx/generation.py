@@ -10,6 +10,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import LogitsProcessor
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .cliargs import check_text
 from .decode.coarse import groups_for_model
 from .decode.loop import StepToken, decode
 from .decode.sampling import SamplerConfig, sampler_settings
@@ -161,6 +162,9 @@ def encode_prompt(
             raise ValueError(f"the prompt must be a 1-D array of token ids, got {prompt.shape}")
         return prompt.astype(mx.int32)
     if isinstance(prompt, str):
+        check_text(prompt, "the prompt")
+        if system_prompt is not None:
+            check_text(system_prompt, "the system prompt")
         if apply_chat_template and getattr(tokenizer, "chat_template", None):
             messages = [{"role": "user", "content": prompt}]
             if system_prompt:

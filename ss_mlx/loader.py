@@ -17,6 +17,8 @@ from .model.streams import StreamParams, check_tensors, expected_shapes
 
 # mlx-lm's Hub patterns drop files it does not know; an SS repo needs its stream/head files.
 SS_FILES = (STREAMS_FILE, MEDUSA_FILE)
+# Any of these lets transformers build a tokenizer (fast, sentencepiece, BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
 
 def resolve_model_path(path_or_repo: str | Path, revision: str | None = None) -> Path:
@@ -50,6 +52,26 @@ def read_config(model_path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ValueError(f"{cfg_file} must hold a JSON object, got a {type(config).__name__}")
     return config
+
+
+def check_tokenizer(model_path: Path) -> None:
+    """Refuse a directory with no tokenizer file before transformers gives its multi-line
+    advice to install sentencepiece."""
+    if not any((model_path / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{model_path} has no tokenizer (no tokenizer.json or other tokenizer file); "
+            "copy the tokenizer files of its base model into it"
+        )
+
+
+def load_mlx_lm(model_path: Path, **kwargs: Any) -> Any:
+    """``mlx_lm.load`` of a local directory, with one-line errors for a missing tokenizer and
+    truncated or unreadable weight files."""
+    check_tokenizer(model_path)
+    try:
+        return mlx_lm.load(str(model_path), **kwargs)
+    except (OSError, RuntimeError) as e:  # a truncated or unreadable weight file
+        raise ValueError(f"cannot load the model in {model_path}: {e}") from None
 
 
 def model_type_of(config: dict[str, Any]) -> str:
@@ -154,18 +176,15 @@ def load(
         tensors = mx.load(str(streams_file))
     except Exception as e:  # mlx raises plain RuntimeError/ValueError for unreadable files
         raise ValueError(f"cannot read {streams_file}: {e}") from None
-    try:
-        base, tokenizer, base_config = mlx_lm.load(
-            str(model_path),
-            tokenizer_config=tokenizer_config,
-            model_config=model_config,
-            adapter_path=adapter_path,
-            lazy=lazy,
-            return_config=True,
-            trust_remote_code=trust_remote_code,
-        )
-    except (OSError, RuntimeError) as e:  # a truncated or unreadable weight file
-        raise ValueError(f"cannot load the model in {model_path}: {e}") from None
+    base, tokenizer, base_config = load_mlx_lm(
+        model_path,
+        tokenizer_config=tokenizer_config,
+        model_config=model_config,
+        adapter_path=adapter_path,
+        lazy=lazy,
+        return_config=True,
+        trust_remote_code=trust_remote_code,
+    )
     model = attach_streams(base, cfg, tensors, str(streams_file))
     model.path = model_path  # lets generation find a tree tuned for this model and machine
     if return_config:

@@ -714,16 +714,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 def _load_target(model_dir: Path) -> tuple[Any, nn.Module, Any, dict[str, Any]]:
     """(SSModel or None, the mlx-lm base model, tokenizer, config) from one load."""
-    import mlx_lm
-
     from ..config import CONFIG_KEY
-    from ..loader import load, read_config
+    from ..loader import load, load_mlx_lm, read_config
 
     config = read_config(model_dir)
     if CONFIG_KEY in config:
         model, tokenizer = load(model_dir)
         return model, model.base, tokenizer, config
-    base, tokenizer = mlx_lm.load(str(model_dir))
+    base, tokenizer = load_mlx_lm(model_dir)
     return None, base, tokenizer, config
 
 

@@ -74,14 +74,14 @@ def resolve_tree(model: SSModel, tree: TreeSpec | str | dict | None) -> TreeSpec
     """The draft tree to use: the argument, else one `ss-mlx tune` saved for this model on this
     machine, else the model config's, else a default."""
     model = _check_model(model)
+    vocab = model.inner.embed_tokens.weight.shape[0]
     if tree is None and model.path is not None:
-        tree = load_tuned_tree(model.path, num_streams=model.num_streams)
+        tree = load_tuned_tree(model.path, num_streams=model.num_streams, vocab_size=vocab)
     if tree is None:
         tree = model.cfg.tree
     spec = default_tree(model.num_streams) if tree is None else as_tree(
         tree, model.num_streams, "speculative streams"
     )
-    vocab = model.inner.embed_tokens.weight.shape[0]
     if spec.max_width > vocab:
         raise ValueError(f"the draft tree is {spec.max_width} wide but the vocabulary has {vocab}")
     return spec

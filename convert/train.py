@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ss_mlx import cliargs
 from ss_mlx.config import (
     ADAPTER_MODULES,
     CONFIG_KEY,
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="continue from OUT/checkpoints (latest) or the given checkpoint",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cliargs.seed, default=0)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument(

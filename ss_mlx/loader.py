@@ -12,6 +12,7 @@ from mlx_lm.utils import MODEL_REMAPPING
 
 from .config import CONFIG_KEY, MEDUSA_FILE, STREAMS_FILE, SUPPORTED_MODEL_TYPES, SSConfig
 from .decode.cache import make_cache
+from .decode.tree import as_tree
 from .model.ss_model import SSModel
 from .model.streams import StreamParams, check_tensors, expected_shapes
 
@@ -64,10 +65,42 @@ def check_tokenizer(model_path: Path) -> None:
         )
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file cannot be complete (from its header alone: cheap), or None."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"it is only {size} bytes"
+            n = int.from_bytes(head, "little")
+            if 8 + n > size:
+                return f"its header needs {8 + n} bytes, the file has {size}"
+            header = json.loads(f.read(n))
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        return f"its header is unreadable ({type(e).__name__})"
+    if 8 + n + end > size:
+        return f"its tensors need {8 + n + end} bytes, the file has {size}"
+    return None
+
+
+def check_weight_files(model_path: Path) -> None:
+    """Refuse truncated .safetensors files by name, before MLX reports an offset."""
+    for f in sorted(model_path.glob("*.safetensors")):
+        why = safetensors_problem(f)
+        if why is not None:
+            raise ValueError(f"{f} is truncated or corrupt: {why}; copy or download it again")
+
+
 def load_mlx_lm(model_path: Path, **kwargs: Any) -> Any:
     """``mlx_lm.load`` of a local directory, with one-line errors for a missing tokenizer and
     truncated or unreadable weight files."""
     check_tokenizer(model_path)
+    check_weight_files(model_path)
     try:
         return mlx_lm.load(str(model_path), **kwargs)
     except (OSError, RuntimeError) as e:  # a truncated or unreadable weight file
@@ -131,6 +164,13 @@ def attach_streams(
             "positions, which tree verification needs"
         )
     make_cache(base)  # refuses sliding-window / rotating caches with a clear error
+    if cfg.tree is not None:  # else every generate without --tree would fail on it
+        try:
+            as_tree(cfg.tree, cfg.num_streams, "speculative streams")
+        except (ValueError, TypeError, IndexError, KeyError) as e:
+            raise ValueError(
+                f"{source}: the config's '{CONFIG_KEY}.tree' is invalid: {e}"
+            ) from None
     check_tensors(tensors, stream_shapes(base, cfg), source)
     streams = StreamParams(cfg, tensors, len(layers) - cfg.stream_layers)
     return SSModel(base, cfg, streams)
@@ -172,6 +212,9 @@ def load(
             "knows nothing of streams, such as mlx_lm.convert, drops it: quantize with "
             "`ss-mlx quantize` instead, or copy the file back from the source directory)"
         )
+    why = safetensors_problem(streams_file)
+    if why is not None:
+        raise ValueError(f"{streams_file} is truncated or corrupt: {why}; copy it again")
     try:
         tensors = mx.load(str(streams_file))
     except Exception as e:  # mlx raises plain RuntimeError/ValueError for unreadable files

@@ -33,6 +33,7 @@ from ss_mlx.config import CONFIG_KEY, MEDUSA_FILE, MEDUSA_KEY, STREAMS_FILE, SSC
 from ss_mlx.decode.tree import TreeSpec
 from ss_mlx.files import check_out_dir, make_temp_dir, publish_dir
 from ss_mlx.loader import attach_streams, check_supported
+from ss_mlx.model.streams import check_finite
 
 from .checkpoint_io import (
     ADAPTER_FILES,
@@ -242,7 +243,19 @@ def export_streams(
     not_float = sorted(n for n, t in tensors.items() if not np.issubdtype(t.dtype, np.floating))
     if not_float:
         raise _fail(f"{path}: stream tensors must be floating point", not_float)
-    out = {n: mx.array(t).astype(dtype) for n, t in tensors.items()}
+    source = {n: mx.array(t) for n, t in tensors.items()}
+    try:
+        check_finite(source, str(path))
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    out = {n: t.astype(dtype) for n, t in source.items()}
+    overflow = sorted(n for n, t in out.items() if not mx.all(mx.isfinite(t)).item())
+    if overflow:
+        raise _fail(
+            f"{path}: stream tensors overflow {str(dtype).removeprefix('mlx.core.')} (their "
+            "values exceed its range; convert with --dtype float32 or bfloat16)",
+            overflow,
+        )
     try:
         # Exactly what ss_mlx.load will do with this directory: names, shapes, RoPE, cache.
         attach_streams(model, cfg, out, str(path))

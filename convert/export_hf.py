@@ -19,7 +19,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ss_mlx.config import CONFIG_KEY, MEDUSA_KEY
-from ss_mlx.files import copy_file, write_json
+from ss_mlx.files import atomic_write, copy_file, write_json
 
 from .checkpoint_io import CheckpointError, open_adapter, open_checkpoint
 from .export import (
@@ -80,7 +80,9 @@ def export_hf(
             config["layer_types"] = config["layer_types"][:layers]
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # Through atomic_write: safetensors writes its files 0600, atomic_write applies the umask.
+        atomic_write(tmp / "model.safetensors",
+                     lambda f: save_file(tensors, str(f), metadata={"format": "pt"}))
         write_json(tmp / "config.json", config)
         for name in TOKENIZER_FILES:
             if (src / name).is_file():

@@ -483,14 +483,17 @@ def main(argv: list[str] | None = None) -> None:
     if ranks.shape[0] == 0:
         sys.exit("ss-mlx tune: error: the prompts produced no positions to measure; "
                  "raise --max-tokens or give more prompts")
+    if not (verify_cost_ok(curve) and curve["ar_seconds"] > 0):
+        sys.exit("ss-mlx tune: error: the timings are not usable (a pass took no measurable "
+                 "time); nothing was saved")
     probs = rank_probs_from_ranks(ranks)
     # A tree is never wider than the vocabulary has tokens to rank.
     choice = select_tree(curve["relative"], probs, ranks, max_width=min(args.max_width, vocab))
     T = choice["num_nodes"]
     predicted = choice["expected_tokens_per_pass"] / (curve["seconds"][T - 1] / curve["ar_seconds"])
-    if not (math.isfinite(predicted) and predicted > 0 and verify_cost_ok(curve)):
-        sys.exit("ss-mlx tune: error: the timings are not usable (a pass took no measurable "
-                 f"time: predicted speedup {predicted}); nothing was saved")
+    if not (math.isfinite(predicted) and predicted > 0):
+        sys.exit(f"ss-mlx tune: error: the timings are not usable (predicted speedup "
+                 f"{predicted}); nothing was saved")
     record = {
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

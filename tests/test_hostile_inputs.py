@@ -27,7 +27,7 @@ import pytest
 from conftest import cast_model, save_tiny_model_dir, tiny_base, tiny_ss_model, write_prompts
 
 import ss_mlx  # noqa: F401  (OpenBLAS before mlx.core)
-from ss_mlx import cli, tuned
+from ss_mlx import chat, cli, tuned
 from ss_mlx.bench import bench, tune
 from ss_mlx.config import CONFIG_KEY, STREAMS_FILE
 from ss_mlx.decode.cache import make_cache
@@ -132,6 +132,7 @@ def w(tmp_path_factory):
 # ---------------------------------------------------------------- 9 (and 5, 6): one-line errors
 
 GEN, INIT, BENCH, TUNE = cli.generate_main, init_cli.main, bench.main, tune.main
+CHAT = chat.main
 QUICK = ["-m", "3"]
 BENCH_ARGS = ["--n", "1", "--max-tokens", "3", "--repeats", "1", "--warmup", "0",
               "--methods", "ar,ss", "--no-progress"]
@@ -163,6 +164,7 @@ MLX_CASES = [
           ("generate", GEN, lambda p: ["--model", p.ss]),
           ("init", INIT, lambda p: ["--model", p.base, "--out", p.root / "o"]),
           ("bench", BENCH, lambda p: ["--model", p.ss]),
+          ("chat", CHAT, lambda p: ["--model", p.ss]),
       )],
     # 9: --out that is a file / under a file
     ("init-out-file", INIT, lambda p: ["--model", p.base, "--out", p.afile], "is a file"),

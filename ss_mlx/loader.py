@@ -93,7 +93,9 @@ def check_weight_files(model_path: Path) -> None:
     for f in sorted(model_path.glob("*.safetensors")):
         why = safetensors_problem(f)
         if why is not None:
-            raise ValueError(f"{f} is truncated or corrupt: {why}; copy or download it again")
+            raise ValueError(
+                f"cannot read {f}: it is truncated or corrupt ({why}); copy or download it again"
+            )
 
 
 def load_mlx_lm(model_path: Path, **kwargs: Any) -> Any:
@@ -214,7 +216,9 @@ def load(
         )
     why = safetensors_problem(streams_file)
     if why is not None:
-        raise ValueError(f"{streams_file} is truncated or corrupt: {why}; copy it again")
+        raise ValueError(
+            f"cannot read {streams_file}: it is truncated or corrupt ({why}); copy it again"
+        )
     try:
         tensors = mx.load(str(streams_file))
     except Exception as e:  # mlx raises plain RuntimeError/ValueError for unreadable files

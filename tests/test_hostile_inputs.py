@@ -148,14 +148,14 @@ MLX_CASES = [
     ("tune-config-list", TUNE, lambda p: ["--model", p.list_cfg], "must hold a JSON object"),
     # 9: truncated weights, named
     ("generate-truncated-weights", GEN, lambda p: ["--model", p.trunc, *QUICK],
-     "model.safetensors is truncated or corrupt"),
+     "model.safetensors: it is truncated or corrupt"),
     ("init-truncated-weights", INIT, lambda p: ["--model", p.trunc_head, "--out", p.root / "o"],
-     "model.safetensors is truncated or corrupt"),
+     "model.safetensors: it is truncated or corrupt"),
     ("bench-truncated-weights", BENCH,
      lambda p: ["--model", p.trunc_head, "--dataset", p.prompts, *BENCH_ARGS],
-     "model.safetensors is truncated or corrupt"),
+     "model.safetensors: it is truncated or corrupt"),
     ("generate-truncated-streams", GEN, lambda p: ["--model", p.trunc_streams],
-     f"{STREAMS_FILE} is truncated or corrupt"),
+     f"{STREAMS_FILE}: it is truncated or corrupt"),
     # 9: seeds out of range, every command that takes one
     *[(f"{name}-seed-{seed}", main, lambda p, a=argv, s=seed: [*a(p), "--seed", s],
        "argument --seed: must be an integer in [0, 2**64)")

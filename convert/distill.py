@@ -103,7 +103,7 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], chat: bool) -> str:
 
 @torch.no_grad()
 def distill(args: argparse.Namespace) -> int:
-    import transformers
+    from .pretrained import load_hf_model, load_hf_tokenizer
 
     prompts = load_prompts(args.prompts)
     if args.limit is not None:
@@ -120,12 +120,12 @@ def distill(args: argparse.Namespace) -> int:
         return 0
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_hf_tokenizer(args.model, "distill")
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = getattr(torch, args.dtype)
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
+    model = load_hf_model(args.model, dtype, "distill").to(device)
     model.eval()
     chat = not args.no_chat_template and bool(getattr(tokenizer, "chat_template", None))
     eos = tokenizer.eos_token_id

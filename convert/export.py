@@ -14,6 +14,7 @@ import json
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,9 @@ from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
 
 from ss_mlx.config import CONFIG_KEY, MEDUSA_FILE, MEDUSA_KEY, STREAMS_FILE, SSConfig
 from ss_mlx.decode.tree import TreeSpec
+from ss_mlx.files import check_out_dir, make_temp_dir, publish_dir
 from ss_mlx.loader import attach_streams, check_supported
+from ss_mlx.model.streams import check_finite
 
 from .checkpoint_io import (
     ADAPTER_FILES,
@@ -59,22 +62,40 @@ def _fail(what: str, names: list[str]) -> ConversionError:
 # ---------------------------------------------------------------- destination handling
 
 
-def check_destination(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"--out {out} exists and is not a directory")
+def check_destination(out: Path, src: Path, force: bool) -> None:
+    """Refuse, before anything is read or written, an --out whose replacement would destroy
+    something else (the current directory or a parent of it, the input or a folder holding it,
+    a folder inside the input, a file) and a non-empty --out without `force`."""
+    try:
+        check_out_dir(out, src)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ConversionError(f"--out {out} exists and is not empty (use --force to replace it)")
 
 
-def commit_dir(tmp: Path, out: Path) -> None:
-    """Move the finished temp dir into place; the old --out (if any) goes only after that."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.rename(old / "x")
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def build_dir(out: Path, write: Callable[[Path], None], force: bool) -> None:
+    """Run ``write(tmp)`` on a fresh hidden directory beside `out` (umask permissions), then
+    publish it as `out` in one rename; on any failure nothing is left behind and an old `out`
+    is kept (no temp or ``.old-*`` directory remains either way)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(out)
+    try:
+        write(tmp)
+        publish_dir(tmp, out, overwrite=force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_hf_config(src: Path) -> dict[str, Any]:
+    path = src / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"cannot read {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path} must hold a JSON object, got a {type(config).__name__}")
+    return config
 
 
 # ---------------------------------------------------------------- the trunk
@@ -222,7 +243,19 @@ def export_streams(
     not_float = sorted(n for n, t in tensors.items() if not np.issubdtype(t.dtype, np.floating))
     if not_float:
         raise _fail(f"{path}: stream tensors must be floating point", not_float)
-    out = {n: mx.array(t).astype(dtype) for n, t in tensors.items()}
+    source = {n: mx.array(t) for n, t in tensors.items()}
+    try:
+        check_finite(source, str(path))
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    out = {n: t.astype(dtype) for n, t in source.items()}
+    overflow = sorted(n for n, t in out.items() if not mx.all(mx.isfinite(t)).item())
+    if overflow:
+        raise _fail(
+            f"{path}: stream tensors overflow {str(dtype).removeprefix('mlx.core.')} (their "
+            "values exceed its range; convert with --dtype float32 or bfloat16)",
+            overflow,
+        )
     try:
         # Exactly what ss_mlx.load will do with this directory: names, shapes, RoPE, cache.
         attach_streams(model, cfg, out, str(path))
@@ -270,14 +303,14 @@ def carry_medusa(src: Path, dst: Path, config: dict[str, Any]) -> bool:
     ]
     if bad:
         raise _fail(f"{src / MEDUSA_FILE} does not match config['{MEDUSA_KEY}']", bad)
-    shutil.copy2(src / MEDUSA_FILE, dst / MEDUSA_FILE)
+    shutil.copyfile(src / MEDUSA_FILE, dst / MEDUSA_FILE)
     return True
 
 
 def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     copied = [f for f in TOKENIZER_FILES if (src / f).is_file()]
     for f in copied:
-        shutil.copy2(src / f, dst / f)
+        shutil.copyfile(src / f, dst / f)  # not copy2: the umask decides, not the source's mode
     if not any(f.startswith("tokenizer") for f in copied):
         print(
             f"[convert] warning: {src} has no tokenizer files; the output has no usable tokenizer",
@@ -306,10 +339,7 @@ def write_model_dir(
     q_group_size: int = 64,
 ) -> None:
     """Write the complete MLX SS model directory into the existing empty dir `dst`."""
-    try:
-        config = json.loads((src / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"cannot read {src / 'config.json'}: {e}") from e
+    config = read_hf_config(src)
     config = mlx_lm_config(config)
     try:
         model_type = check_supported(config, src)
@@ -375,20 +405,15 @@ def convert(
     src, out = Path(torch_path), Path(mlx_path)
     if not (src / "config.json").is_file():
         raise ConversionError(f"{src} is not a Hugging Face model dir (no config.json)")
-    if src.resolve() == out.resolve():
-        raise ConversionError("--out must differ from --torch")
-    check_destination(out, force)
+    check_destination(out, src, force)
     opts = dict(dtype=dtype, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         write_model_dir(src, tmp, **opts)
         if check:
             _parity_gate(src, tmp, exact=(dtype in (None, "float32") and not quantize), opts=opts)
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    build_dir(out, write, force)
     return out
 
 
@@ -450,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
             check=args.check,
             force=args.force,
         )
-    except (ConversionError, CheckpointError, LoraMergeError) as e:
+    except (ConversionError, CheckpointError, LoraMergeError, OSError) as e:
         sys.exit(f"ss-mlx convert: error: {e}")
     print(f"[convert] wrote {out}")
 

@@ -11,21 +11,25 @@ Medusa / training blocks are dropped from config.json: the output is only the tr
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
 from ss_mlx.config import CONFIG_KEY, MEDUSA_KEY
-from ss_mlx.files import copy_file, write_json
+from ss_mlx.files import atomic_write, copy_file, write_json
 
 from .checkpoint_io import CheckpointError, open_adapter, open_checkpoint
-from .export import ConversionError, check_destination, commit_dir, read_merged, source_shapes
+from .export import (
+    ConversionError,
+    build_dir,
+    check_destination,
+    read_hf_config,
+    read_merged,
+    source_shapes,
+)
 from .export_lora import LoraMergeError, plan_lora_merge
 from .save_model import TOKENIZER_FILES, TRAINING_CONFIG_KEY
 
@@ -47,12 +51,10 @@ def export_hf(
     src, out = Path(src), Path(out)
     if not (src / "config.json").is_file():
         raise ConversionError(f"{src} is not a Hugging Face model dir (no config.json)")
-    if src.resolve() == out.resolve():
-        raise ConversionError("--out must differ from --torch")
-    check_destination(out, force)
-    config = json.loads((src / "config.json").read_text())
+    check_destination(out, src, force)
+    config = read_hf_config(src)
     n_layers = config.get("num_hidden_layers")
-    if not isinstance(n_layers, int):
+    if not isinstance(n_layers, int) or isinstance(n_layers, bool):
         raise ConversionError(f"{src}/config.json has no integer num_hidden_layers")
     if layers is not None and not 1 <= layers <= n_layers:
         raise ConversionError(f"--layers must be in [1, {n_layers}], got {layers}")
@@ -77,18 +79,16 @@ def export_hf(
         if isinstance(config.get("layer_types"), list):
             config["layer_types"] = config["layer_types"][:layers]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    def write(tmp: Path) -> None:
+        # Through atomic_write: safetensors writes its files 0600, atomic_write applies the umask.
+        atomic_write(tmp / "model.safetensors",
+                     lambda f: save_file(tensors, str(f), metadata={"format": "pt"}))
         write_json(tmp / "config.json", config)
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 copy_file(src / name, tmp / name)
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    build_dir(out, write, force)
     return out
 
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         out = export_hf(args.torch, args.out, layers=args.layers, force=args.force)
-    except (ConversionError, CheckpointError, LoraMergeError) as e:
+    except (ConversionError, CheckpointError, LoraMergeError, OSError) as e:
         sys.exit(f"ss-mlx export-hf: error: {e}")
     print(f"[export-hf] wrote {out}")
 

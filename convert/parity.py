@@ -275,7 +275,8 @@ def check_parity(
         torch_tokens = torch_greedy(base, tokens, greedy_tokens, eos)
         if ss_torch is not None:
             mlx_tokens = [
-                r.token for r in ss_mlx.stream_generate(model, tokenizer, tokens, greedy_tokens)
+                r.token
+                for r in ss_mlx.stream_generate(model, tokenizer, tokens, max_tokens=greedy_tokens)
             ]
         else:
             mlx_tokens = _mlx_greedy_ar(model, tokens, greedy_tokens, eos)

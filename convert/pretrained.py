@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -41,3 +43,65 @@ def load_trained(
             f"{path}/config.json has neither {CONFIG_KEY!r} nor {MEDUSA_KEY!r}"
         )
     return model.to(device).eval()
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _why(e: BaseException) -> str:
+    """One line for a transformers load failure (its messages run over many lines)."""
+    chain, cur = [], e
+    while cur is not None and len(chain) < 8:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    if any(isinstance(x, pickle.UnpicklingError) for x in chain):
+        return (
+            "a weight file holds objects other than tensors (a pickle that could run code); "
+            "it was refused and nothing in it was run"
+        )
+    return f"{type(e).__name__}: {_first_line(e)}"
+
+
+def _fail(model_dir: str | Path, command: str, why: str) -> SystemExit:
+    return SystemExit(f"ss-mlx {command}: error: --model {model_dir}: {why}")
+
+
+def load_hf_tokenizer(model_dir: str | Path, command: str) -> Any:
+    """The tokenizer of an HF model directory, for `ss-mlx train` / `distill`.
+
+    Any failure exits with one line naming --model and what is wrong, not transformers'
+    multi-line advice or a traceback (also a config.json that is no JSON object).
+    """
+    import transformers
+
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        raise _fail(model_dir, command, "no such model directory")
+    cfg = path / "config.json"
+    try:
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _fail(model_dir, command, "no config.json; is it a model directory?") from None
+    except (OSError, ValueError) as e:
+        raise _fail(model_dir, command, f"{cfg} is not valid JSON ({_first_line(e)})") from None
+    if not isinstance(config, dict):
+        raise _fail(model_dir, command,
+                    f"{cfg} must hold a JSON object, got a {type(config).__name__}")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises many types, with long advice
+        raise _fail(model_dir, command, f"cannot load its tokenizer ({_why(e)})") from None
+
+
+def load_hf_model(model_dir: str | Path, dtype: torch.dtype, command: str) -> Any:
+    """The causal LM of an HF model directory (errors as in `load_hf_tokenizer`)."""
+    import transformers
+
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            Path(model_dir).expanduser(), dtype=dtype
+        )
+    except Exception as e:
+        raise _fail(model_dir, command, f"cannot load its weights ({_why(e)})") from None

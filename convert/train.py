@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ss_mlx import cliargs
 from ss_mlx.config import (
     ADAPTER_MODULES,
     CONFIG_KEY,
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="continue from OUT/checkpoints (latest) or the given checkpoint",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cliargs.seed, default=0)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument(
@@ -233,12 +234,15 @@ def trainable_state(core: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
-    import transformers
+    from .pretrained import load_hf_model, load_hf_tokenizer
 
     out_dir = Path(args.out)
     ckpt_root = out_dir / "checkpoints"
+    # Read (and validate) the resume state before the slow part, so a bad file fails at once.
+    resume_from = _resume_path(args.resume, ckpt_root)
+    resume_state = _load_resume(resume_from) if resume_from is not None else None
     torch.manual_seed(args.seed)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_hf_tokenizer(args.model, "train")
     chat = not args.no_chat_template
     examples = _scored_only(load_examples(args.data, tokenizer, args.max_seq_len, chat), env)
     eval_examples = (
@@ -246,7 +250,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     )
     pad_id = pad_id_of(tokenizer)
 
-    base = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype])
+    base = load_hf_model(args.model, DTYPES[args.dtype], "train")
     resolve_defaults(args, base.config.model_type)
     core, peft_model = build_model(args, base)
     core.to(env.device)
@@ -264,9 +268,8 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     optimizer, scheduler = make_optimizer(args, core, total_steps)
 
     start_step = 0
-    resume_from = _resume_path(args.resume, ckpt_root)
     if resume_from is not None:
-        start_step = _restore(resume_from, args, core, optimizer, scheduler)
+        start_step = _restore(resume_from, resume_state, args, core, optimizer, scheduler)
         if env.is_main:
             print(f"resumed from {resume_from} at step {start_step}", file=sys.stderr)
 
@@ -596,14 +599,26 @@ def _resume_path(resume: str | None, root: Path) -> Path | None:
     return found[-1]
 
 
+def _load_resume(path: Path) -> dict[str, Any]:
+    try:
+        return train_state.load_checkpoint(path)
+    except train_state.TrainStateError as e:
+        raise SystemExit(f"ss-mlx train: error: --resume: {e}") from None
+
+
 def _restore(
     path: Path,
+    state: dict[str, Any],
     args: argparse.Namespace,
     core: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
 ) -> int:
-    state = train_state.load_checkpoint(path)
+    unknown = sorted(set(state["args"]) - set(_RESUME_KEYS))
+    if unknown:
+        raise SystemExit(
+            f"ss-mlx train: error: --resume: {path} records unknown settings {unknown}"
+        )
     diff = {k: (v, getattr(args, k)) for k, v in state["args"].items() if getattr(args, k) != v}
     if diff:
         raise SystemExit(f"--resume: settings differ from the checkpoint (was, now): {diff}")
@@ -612,12 +627,18 @@ def _restore(
     want = {n for n, p in params.items() if p.requires_grad}
     if names != want:
         raise SystemExit(f"--resume: trainable parameters differ: {sorted(names ^ want)[:5]}")
-    with torch.no_grad():
-        for n, v in state["trainable"].items():
-            params[n].copy_(v)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    train_state.set_rng_state(state["rng"])
+    try:
+        with torch.no_grad():
+            for n, v in state["trainable"].items():
+                params[n].copy_(v)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        train_state.set_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SystemExit(
+            f"ss-mlx train: error: --resume: {path} does not fit this run: {first}"
+        ) from None
     return int(state["step"])
 
 

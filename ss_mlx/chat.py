@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-from ss_mlx import load, make_prompt_cache, stream_generate
+from ss_mlx import cliargs, load, make_prompt_cache, stream_generate
 
 DEFAULT_MAX_TOKENS = 256
 QUIT = ("q", "/q", "/quit", "/exit")
@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-tokens",
         "-m",
-        type=int,
+        type=cliargs.max_tokens,
         default=DEFAULT_MAX_TOKENS,
         help=f"maximum tokens per reply (default: {DEFAULT_MAX_TOKENS})",
     )
@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus top-p (default: 1.0, off)")
     p.add_argument("--top-k", type=int, default=0, help="top-k (default: 0, off)")
     p.add_argument("--min-p", type=float, default=0.0, help="min-p (default: 0.0, off)")
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed, set once (default: 0)")
+    p.add_argument("--seed", type=cliargs.seed, default=0,
+                   help="PRNG seed, set once (default: 0)")
     p.add_argument(
         "--tree",
         default=None,

@@ -128,6 +128,7 @@ def add_version(p: argparse.ArgumentParser) -> None:
 
 
 def generate_parser() -> argparse.ArgumentParser:
+    from . import cliargs
     from .decode.verify import ACCEPT_RULES, TypicalParams
 
     p = argparse.ArgumentParser(
@@ -161,7 +162,7 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-tokens",
         "-m",
-        type=int,
+        type=cliargs.max_tokens,
         default=CLI_MAX_TOKENS,
         help="maximum number of tokens to generate (-1: no limit)",
     )
@@ -188,7 +189,7 @@ def generate_parser() -> argparse.ArgumentParser:
         default=1,
         help="minimum tokens min-p sampling keeps",
     )
-    p.add_argument("--seed", type=int, default=None, help="PRNG seed")
+    p.add_argument("--seed", type=cliargs.seed, default=None, help="PRNG seed")
     p.add_argument(
         "--ignore-chat-template",
         action="store_true",
@@ -300,13 +301,13 @@ def generate_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--repetition-penalty",
-        type=float,
+        type=cliargs.positive_float,
         default=None,
         help="mlx-lm's repetition penalty logits processor (none: off)",
     )
     p.add_argument(
         "--repetition-context-size",
-        type=int,
+        type=cliargs.int_at_least(1),
         default=20,
         help="tokens the repetition penalty looks back over",
     )

@@ -133,6 +133,22 @@ def check_out_dir(out_dir: str | Path, *inputs: str | Path) -> Path:
     return out
 
 
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """Refuse, before a long run, an output file that cannot be written: a directory, or one
+    under a file or an unwritable directory (writers create missing parents)."""
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise ValueError(f"{flag} {path} is a directory, not a file")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{flag} {path}: {parent} is not writable")
+            break
+    return out
+
+
 def publish_dir(tmp: Path, out_dir: Path, overwrite: bool = False) -> None:
     """Move the finished `tmp` to `out_dir`; an existing `out_dir` is replaced only if allowed,
     and is put back if the final rename fails."""

@@ -11,6 +11,7 @@ from mlx_lm.generate import generation_stream, wired_limit
 from mlx_lm.sample_utils import LogitsProcessor
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .cliargs import check_text
 from .decode.coarse import groups_for_model
 from .decode.loop import StepToken, decode
 from .decode.sampling import SamplerConfig, sampler_settings
@@ -92,14 +93,14 @@ def resolve_tree(model: SSModel, tree: TreeSpec | str | dict | None) -> TreeSpec
     """The static draft tree to use: the argument, else one `ss-mlx tune` saved for this model
     on this machine, else the model config's, else a default."""
     model = _check_model(model)
+    vocab = model.inner.embed_tokens.weight.shape[0]
     if tree is None and model.path is not None:
-        tree = load_tuned_tree(model.path, num_streams=model.num_streams)
+        tree = load_tuned_tree(model.path, num_streams=model.num_streams, vocab_size=vocab)
     if tree is None:
         tree = model.cfg.tree
     spec = default_tree(model.num_streams) if tree is None else as_tree(
         tree, model.num_streams, "speculative streams"
     )
-    vocab = model.inner.embed_tokens.weight.shape[0]
     if spec.max_width > vocab:
         raise ValueError(f"the draft tree is {spec.max_width} wide but the vocabulary has {vocab}")
     return spec
@@ -289,6 +290,9 @@ def encode_prompt(
             raise ValueError(f"the prompt must be a 1-D array of token ids, got {prompt.shape}")
         return prompt.astype(mx.int32)
     if isinstance(prompt, str):
+        check_text(prompt, "the prompt")
+        if system_prompt is not None:
+            check_text(system_prompt, "the system prompt")
         if apply_chat_template and getattr(tokenizer, "chat_template", None):
             messages = [{"role": "user", "content": prompt}]
             if system_prompt:

@@ -12,11 +12,14 @@ from mlx_lm.utils import MODEL_REMAPPING
 
 from .config import CONFIG_KEY, MEDUSA_FILE, STREAMS_FILE, SUPPORTED_MODEL_TYPES, SSConfig
 from .decode.cache import make_cache
+from .decode.tree import as_tree
 from .model.ss_model import SSModel
 from .model.streams import StreamParams, check_tensors, expected_shapes
 
 # mlx-lm's Hub patterns drop files it does not know; an SS repo needs its stream/head files.
 SS_FILES = (STREAMS_FILE, MEDUSA_FILE)
+# Any of these lets transformers build a tokenizer (fast, sentencepiece, BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
 
 def resolve_model_path(path_or_repo: str | Path, revision: str | None = None) -> Path:
@@ -50,6 +53,60 @@ def read_config(model_path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ValueError(f"{cfg_file} must hold a JSON object, got a {type(config).__name__}")
     return config
+
+
+def check_tokenizer(model_path: Path) -> None:
+    """Refuse a directory with no tokenizer file before transformers gives its multi-line
+    advice to install sentencepiece."""
+    if not any((model_path / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{model_path} has no tokenizer (no tokenizer.json or other tokenizer file); "
+            "copy the tokenizer files of its base model into it"
+        )
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file cannot be complete (from its header alone: cheap), or None."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"it is only {size} bytes"
+            n = int.from_bytes(head, "little")
+            if 8 + n > size:
+                return f"its header needs {8 + n} bytes, the file has {size}"
+            header = json.loads(f.read(n))
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        return f"its header is unreadable ({type(e).__name__})"
+    if 8 + n + end > size:
+        return f"its tensors need {8 + n + end} bytes, the file has {size}"
+    return None
+
+
+def check_weight_files(model_path: Path) -> None:
+    """Refuse truncated .safetensors files by name, before MLX reports an offset."""
+    for f in sorted(model_path.glob("*.safetensors")):
+        why = safetensors_problem(f)
+        if why is not None:
+            raise ValueError(
+                f"cannot read {f}: it is truncated or corrupt ({why}); copy or download it again"
+            )
+
+
+def load_mlx_lm(model_path: Path, **kwargs: Any) -> Any:
+    """``mlx_lm.load`` of a local directory, with one-line errors for a missing tokenizer and
+    truncated or unreadable weight files."""
+    check_tokenizer(model_path)
+    check_weight_files(model_path)
+    try:
+        return mlx_lm.load(str(model_path), **kwargs)
+    except (OSError, RuntimeError) as e:  # a truncated or unreadable weight file
+        raise ValueError(f"cannot load the model in {model_path}: {e}") from None
 
 
 def model_type_of(config: dict[str, Any]) -> str:
@@ -109,6 +166,13 @@ def attach_streams(
             "positions, which tree verification needs"
         )
     make_cache(base)  # refuses sliding-window / rotating caches with a clear error
+    if cfg.tree is not None:  # else every generate without --tree would fail on it
+        try:
+            as_tree(cfg.tree, cfg.num_streams, "speculative streams")
+        except (ValueError, TypeError, IndexError, KeyError) as e:
+            raise ValueError(
+                f"{source}: the config's '{CONFIG_KEY}.tree' is invalid: {e}"
+            ) from None
     check_tensors(tensors, stream_shapes(base, cfg), source)
     streams = StreamParams(cfg, tensors, len(layers) - cfg.stream_layers)
     return SSModel(base, cfg, streams)
@@ -150,22 +214,24 @@ def load(
             "knows nothing of streams, such as mlx_lm.convert, drops it: quantize with "
             "`ss-mlx quantize` instead, or copy the file back from the source directory)"
         )
+    why = safetensors_problem(streams_file)
+    if why is not None:
+        raise ValueError(
+            f"cannot read {streams_file}: it is truncated or corrupt ({why}); copy it again"
+        )
     try:
         tensors = mx.load(str(streams_file))
     except Exception as e:  # mlx raises plain RuntimeError/ValueError for unreadable files
         raise ValueError(f"cannot read {streams_file}: {e}") from None
-    try:
-        base, tokenizer, base_config = mlx_lm.load(
-            str(model_path),
-            tokenizer_config=tokenizer_config,
-            model_config=model_config,
-            adapter_path=adapter_path,
-            lazy=lazy,
-            return_config=True,
-            trust_remote_code=trust_remote_code,
-        )
-    except (OSError, RuntimeError) as e:  # a truncated or unreadable weight file
-        raise ValueError(f"cannot load the model in {model_path}: {e}") from None
+    base, tokenizer, base_config = load_mlx_lm(
+        model_path,
+        tokenizer_config=tokenizer_config,
+        model_config=model_config,
+        adapter_path=adapter_path,
+        lazy=lazy,
+        return_config=True,
+        trust_remote_code=trust_remote_code,
+    )
     model = attach_streams(base, cfg, tensors, str(streams_file))
     model.path = model_path  # lets generation find a tree tuned for this model and machine
     if return_config:

@@ -8,6 +8,7 @@ one-line warning naming it: it can never break generation.
 
 import hashlib
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -118,10 +119,28 @@ def _ignore(path: Path, why: str) -> None:
     warnings.warn(f"ignoring the tuned-tree file {path}: {why}", stacklevel=3)
 
 
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def verify_cost_ok(cost: Any) -> bool:
+    """A verify-cost curve as tune writes it: T = 1..n and n finite positive ratios."""
+    if not isinstance(cost, dict):
+        return False
+    rel, sizes = cost.get("relative"), cost.get("T")
+    return (
+        isinstance(rel, list) and len(rel) > 0 and all(_number(x) and x > 0 for x in rel)
+        and isinstance(sizes, list) and len(sizes) == len(rel)
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in sizes)
+    )
+
+
 def load_tuned(model_dir: str | Path, home: str | Path | None = None,
-               num_streams: int | None = None) -> dict[str, Any] | None:
+               num_streams: int | None = None,
+               vocab_size: int | None = None) -> dict[str, Any] | None:
     """The full tuning record for this model on this machine, or None (also when the file is
-    damaged or does not fit a model with `num_streams` streams: then with a warning)."""
+    damaged or does not fit a model with `num_streams` streams and `vocab_size` tokens: then
+    with a one-line warning naming the file)."""
     try:
         path = tuned_path(model_dir, home=home)
     except (OSError, ValueError):
@@ -144,22 +163,21 @@ def load_tuned(model_dir: str | Path, home: str | Path | None = None,
     if num_streams is not None and spec.depth > num_streams:
         _ignore(path, f"its tree is {spec.depth} deep, the model has {num_streams} streams")
         return None
+    if vocab_size is not None and spec.max_width > vocab_size:
+        _ignore(path, f"its tree is {spec.max_width} wide, the vocabulary has {vocab_size}")
+        return None
     cost = record.get("verify_cost")
-    if cost is not None and not (
-        isinstance(cost, dict)
-        and isinstance(cost.get("relative"), list)
-        and all(isinstance(x, (int, float)) and x > 0 for x in cost["relative"])
-    ):
+    if cost is not None and not verify_cost_ok(cost):
         _ignore(path, "its verify_cost is damaged")
         return None
     return record
 
 
 def load_tuned_tree(model_dir: str | Path, home: str | Path | None = None,
-                    num_streams: int | None = None) -> dict | None:
+                    num_streams: int | None = None, vocab_size: int | None = None) -> dict | None:
     """The tuned tree for this model on this machine, as a dict for ``TreeSpec.from_dict``
     (``{"widths", "node_budget", "rank_probs"}``), or None when there is no usable one."""
-    record = load_tuned(model_dir, home, num_streams)
+    record = load_tuned(model_dir, home, num_streams, vocab_size)
     return None if record is None else record["tree"]
 
 

@@ -31,6 +31,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -40,8 +41,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import cliargs
 from ..decode.loop import StepToken
-from ..files import dump_json, savefig, write_text
+from ..decode.tree import MAX_NODES
+from ..files import check_output_file, dump_json, savefig, write_text
 
 SCHEMA = "ss-mlx-bench/1"
 BASELINE = "ar"
@@ -699,14 +702,16 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    "{\"prompt\": ...} rows (default: %(default)s)")
     p.add_argument("--data-root", help="folder of the data sets (default: $SS_MLX_DATA or "
                    "../shared/data)")
-    p.add_argument("--n", type=int, default=30, help="number of prompts (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--n", type=cliargs.int_at_least(1), default=30,
+                   help="number of prompts (default: %(default)s)")
+    p.add_argument("--seed", type=cliargs.seed, default=None,
                    help="sample the prompts at random with this seed (default: the first n)")
     p.add_argument("--template", help="override the data set's prompt template "
                    "(str.format over the row's fields, e.g. '{mr}')")
     p.add_argument("--no-chat-template", action="store_true",
                    help="feed prompts as raw text, without the tokenizer's chat template")
-    p.add_argument("--max-tokens", type=int, default=128, help="default: %(default)s")
+    p.add_argument("--max-tokens", type=cliargs.int_at_least(1), default=128,
+                   help="default: %(default)s")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated subset of " + ",".join(METHODS) + " (default: all; "
                    "ar always runs, as the baseline)")
@@ -716,21 +721,23 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    "model's own) or 'dynamic' (streams + lookup, chosen per step); default: "
                    "dynamic and the model's, plus the tuned tree when `ss-mlx tune` saved one")
     p.add_argument("--draft-model", help="draft model directory for the draft method")
-    p.add_argument("--draft-layers", type=int, default=None,
+    p.add_argument("--draft-layers", type=cliargs.int_at_least(1), default=None,
                    help="layers of the self-draft when no --draft-model (default: a quarter)")
-    p.add_argument("--num-draft-tokens", type=int, default=DEFAULT_NUM_DRAFT,
+    p.add_argument("--num-draft-tokens", type=cliargs.int_at_least(1), default=DEFAULT_NUM_DRAFT,
                    help="draft chain length (default: %(default)s, as mlx_lm.generate)")
-    p.add_argument("--lookup-depth", type=int, default=7, help="default: %(default)s")
-    p.add_argument("--lookup-candidates", type=int, default=1,
+    p.add_argument("--lookup-depth", type=cliargs.int_at_least(1), default=7,
+                   help="default: %(default)s")
+    p.add_argument("--lookup-candidates", type=cliargs.int_at_least(1), default=1,
                    help="continuations per lookup draft, merged as a tree (default: "
                    "%(default)s, a chain)")
-    p.add_argument("--lookup-ngram", type=int, default=3,
+    p.add_argument("--lookup-ngram", type=cliargs.int_at_least(1), default=3,
                    help="longest n-gram matched (default: %(default)s)")
     p.add_argument("--medusa-tree", default=None, help="Medusa draft tree (default: 3,2,1,...)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up runs per method (default: 1)")
-    p.add_argument("--repeats", type=int, default=3,
+    p.add_argument("--warmup", type=cliargs.int_at_least(0), default=1,
+                   help="warm-up runs per method (default: 1)")
+    p.add_argument("--repeats", type=cliargs.int_at_least(1), default=3,
                    help="timed repeats per prompt and method (default: %(default)s)")
-    p.add_argument("--verify-curve", type=int, default=0, metavar="MAX_T",
+    p.add_argument("--verify-curve", type=cliargs.int_in(0, MAX_NODES), default=0, metavar="MAX_T",
                    help="also time one pass over T = 1..MAX_T tree nodes (default: off; the "
                    "tuned curve is shown when there is one)")
     p.add_argument("--json", help="write the full report (every run) as JSON here")
@@ -742,16 +749,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 def _load_target(model_dir: Path) -> tuple[Any, nn.Module, Any, dict[str, Any]]:
     """(SSModel or None, the mlx-lm base model, tokenizer, config) from one load."""
-    import mlx_lm
-
     from ..config import CONFIG_KEY
-    from ..loader import load, read_config
+    from ..loader import load, load_mlx_lm, read_config
 
     config = read_config(model_dir)
     if CONFIG_KEY in config:
         model, tokenizer = load(model_dir)
         return model, model.base, tokenizer, config
-    base, tokenizer = mlx_lm.load(str(model_dir))
+    base, tokenizer = load_mlx_lm(model_dir)
     return None, base, tokenizer, config
 
 
@@ -788,7 +793,8 @@ def build_methods(args: argparse.Namespace, model_dir: Path, ss_model: Any, base
                                 for t in args.tree or ["dynamic", "default"]]
             names: list[str | None] = [None] * len(trees)
             if not args.tree:
-                tuned = load_tuned(model_dir)
+                tuned = load_tuned(model_dir, num_streams=ss_model.num_streams,
+                                   vocab_size=base.model.embed_tokens.weight.shape[0])
                 if tuned is not None:
                     trees.append(tuned["tree"])
                     names.append(f"ss[tuned {tree_label(tuned['tree'])}]")
@@ -864,6 +870,9 @@ def main(argv: list[str] | None = None) -> None:
         require_matplotlib("bench")
 
     try:
+        for flag in ("json", "markdown", "plot"):  # before the run, not after it
+            if getattr(args, flag):
+                check_output_file(getattr(args, flag), f"--{flag}")
         if args.model is None:
             from ..prepare.default_model import ensure_default_model
 
@@ -893,7 +902,13 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from ..tuned import load_tuned, tuned_path
 
-        tuned = load_tuned(model_dir)
+        # build_methods already warned about a damaged file when it looked for the tuned tree.
+        warned = ss_model is not None and not args.tree and "ss" in _parse_methods(args.methods)
+        with warnings.catch_warnings():
+            if warned:
+                warnings.simplefilter("ignore")
+            tuned = load_tuned(model_dir, num_streams=ss_model.num_streams if ss_model else None,
+                               vocab_size=base.model.embed_tokens.weight.shape[0])
         if tuned is not None and tuned.get("verify_cost"):
             verify_cost = dict(tuned["verify_cost"], source=str(tuned_path(model_dir)))
 

@@ -29,11 +29,12 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from .. import cliargs
 from ..decode.cache import make_cache
-from ..decode.tree import TreeSpec
-from ..files import dump_json, savefig, write_text
+from ..decode.tree import MAX_NODES, TreeSpec
+from ..files import check_output_file, dump_json, savefig, write_text
 from ..model.ss_model import SSModel, plain_tree_forward
-from ..tuned import SCHEMA, machine_key, model_hash, save_tuned
+from ..tuned import SCHEMA, machine_key, model_hash, save_tuned, verify_cost_ok
 from .machine import describe_machine, summary_line
 
 DEFAULT_MAX_T = 64
@@ -412,19 +413,21 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "that maximises expected tokens/s, and save it for this machine and model.",
     )
     p.add_argument("--model", help="SS model directory (default: the embedded default model)")
-    p.add_argument("--max-t", type=int, default=DEFAULT_MAX_T,
+    p.add_argument("--max-t", type=cliargs.int_in(2, MAX_NODES), default=DEFAULT_MAX_T,
                    help="largest tree (nodes incl. the root) to time (default: %(default)s)")
     p.add_argument("--prompts", nargs="+", default=None,
                    help="data set names or JSONL files for the acceptance measurement "
                    "(default: chat, or built-in prompts when the data is not there)")
-    p.add_argument("--n", type=int, default=12, help="prompts per set (default: %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=96,
+    p.add_argument("--n", type=cliargs.int_at_least(1), default=12,
+                   help="prompts per set (default: %(default)s)")
+    p.add_argument("--max-tokens", type=cliargs.int_at_least(1), default=96,
                    help="tokens generated per prompt (default: %(default)s)")
-    p.add_argument("--max-width", type=int, default=DEFAULT_MAX_WIDTH,
+    p.add_argument("--max-width", type=cliargs.int_at_least(1), default=DEFAULT_MAX_WIDTH,
                    help="largest top-k per depth considered (default: %(default)s)")
-    p.add_argument("--context", type=int, default=256,
+    p.add_argument("--context", type=cliargs.int_at_least(0), default=256,
                    help="cached tokens before the timed passes (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=5, help="timings per T (default: %(default)s)")
+    p.add_argument("--repeats", type=cliargs.int_at_least(1), default=5,
+                   help="timings per T (default: %(default)s)")
     p.add_argument("--data-root", default=None, help="folder of the data sets")
     p.add_argument("--plot", help="write the curve and acceptance plot (PNG) here")
     p.add_argument("--json", help="also write the tuning record here")
@@ -462,6 +465,9 @@ def main(argv: list[str] | None = None) -> None:
         require_matplotlib("tune")
 
     try:
+        for flag in ("json", "plot"):  # before the run, not after it
+            if getattr(args, flag):
+                check_output_file(getattr(args, flag), f"--{flag}")
         if args.model is None:
             from ..prepare.default_model import ensure_default_model
 
@@ -473,6 +479,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"ss-mlx tune: error: {e}")
     if args.max_t < 2:
         sys.exit("ss-mlx tune: error: --max-t must be >= 2")
+    vocab = model.inner.embed_tokens.weight.shape[0]
     progress = not args.no_progress
     dtype = str(model.base.model.norm.weight.dtype).removeprefix("mlx.core.")
     machine = describe_machine(dtype)
@@ -485,10 +492,17 @@ def main(argv: list[str] | None = None) -> None:
     if ranks.shape[0] == 0:
         sys.exit("ss-mlx tune: error: the prompts produced no positions to measure; "
                  "raise --max-tokens or give more prompts")
+    if not (verify_cost_ok(curve) and curve["ar_seconds"] > 0):
+        sys.exit("ss-mlx tune: error: the timings are not usable (a pass took no measurable "
+                 "time); nothing was saved")
     probs = rank_probs_from_ranks(ranks)
-    choice = select_tree(curve["relative"], probs, ranks, max_width=args.max_width)
+    # A tree is never wider than the vocabulary has tokens to rank.
+    choice = select_tree(curve["relative"], probs, ranks, max_width=min(args.max_width, vocab))
     T = choice["num_nodes"]
     predicted = choice["expected_tokens_per_pass"] / (curve["seconds"][T - 1] / curve["ar_seconds"])
+    if not (math.isfinite(predicted) and predicted > 0):
+        sys.exit(f"ss-mlx tune: error: the timings are not usable (predicted speedup "
+                 f"{predicted}); nothing was saved")
     record = {
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -523,7 +537,10 @@ def main(argv: list[str] | None = None) -> None:
     if predicted < 1.0:
         print("  warning: no tree is predicted to beat autoregressive decoding on this machine")
     if not args.no_save:  # before plotting: a failing plot must not lose the tuned tree
-        print(f"Saved: {save_tuned(model_dir, record)}")
+        try:
+            print(f"Saved: {save_tuned(model_dir, record)}")
+        except OSError as e:
+            sys.exit(f"ss-mlx tune: error: cannot save the tuned tree: {e}")
     if args.json:
         write_text(args.json, dump_json(record))
     if args.plot:

@@ -49,8 +49,11 @@ class CoarseGroups:
         key = hashlib.sha256(emb.tobytes()[: 1 << 20] + str(emb.shape).encode()).hexdigest()[:16]
         path = cache_dir / f"groups-{key}-{theta:.4f}.npz" if cache_dir else None
         if path is not None and path.exists():
-            data = np.load(path)
-            return cls(data["indptr"], data["indices"], theta)
+            try:
+                data = np.load(path)
+                return cls(data["indptr"], data["indices"], theta)
+            except Exception:  # a damaged cache file (bad zip, missing keys): rebuild it
+                pass
         unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         unit_mx = mx.array(unit)
         counts, members = [], []
@@ -65,10 +68,13 @@ class CoarseGroups:
         indptr = np.concatenate([[0], np.cumsum(np.concatenate(counts))])
         indices = np.concatenate(members)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, indptr=indptr, indices=indices)
-            tmp.replace(path)
+            try:  # only a cache: an unwritable one costs the rebuild next time, nothing else
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp.npz")
+                np.savez(tmp, indptr=indptr, indices=indices)
+                tmp.replace(path)
+            except OSError:
+                pass
         return cls(indptr, indices, theta)
 
     def _row_sums(self, x: mx.array) -> mx.array:

@@ -107,6 +107,8 @@ class TreeSpec:
                     f"tree node_budget must be an integer in [1, {MAX_NODES - 1}], "
                     f"got {node_budget!r}"
                 )
+            if rank_probs is not None:
+                _check_rank_probs(rank_probs, widths)
             # Prior: deeper streams are less accurate; lower ranks much less likely.
             probs = rank_probs or [
                 [0.8 ** (d + 1) / (r + 1) ** 2 for r in range(k)] for d, k in enumerate(widths)
@@ -187,6 +189,21 @@ class TreeSpec:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_rank_probs(rank_probs: Any, widths: Sequence[int]) -> None:
+    """rank_probs[d][r] for every depth and rank of `widths`: finite numbers in [0, 1]."""
+    ok = isinstance(rank_probs, Sequence) and len(rank_probs) >= len(widths) and all(
+        isinstance(p, Sequence) and len(p) >= k
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1
+                for x in p[:k])
+        for p, k in zip(rank_probs, widths, strict=False)
+    )
+    if not ok:
+        raise ValueError(
+            f"tree rank_probs must give, for each of the {len(widths)} depths, a probability "
+            f"in [0, 1] for each rank up to the width {list(widths)}"
+        )
 
 
 def _validate_paths(paths: Sequence[Sequence[int]]) -> tuple[tuple[int, ...], ...]:

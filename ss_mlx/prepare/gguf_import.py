@@ -621,7 +621,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         out = import_gguf(args.file, args.out, args.dtype, overwrite=args.force, progress=True)
-    except (OSError, GGUFImportError) as e:
+    except (OSError, ValueError) as e:  # GGUFImportError, and check_out_dir's refusals
         sys.exit(f"ss-mlx import-gguf: error: {e}")
     print(out)
 

@@ -12,13 +12,14 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-import mlx_lm
 
+from .. import cliargs
 from ..config import CONFIG_KEY, STREAMS_FILE, SSConfig
 from ..files import atomic_write, check_out_dir, make_temp_dir, publish_dir, write_text
 from ..loader import (
     attach_streams,
     check_supported,
+    load_mlx_lm,
     model_type_of,
     read_config,
     resolve_model_path,
@@ -70,7 +71,7 @@ def init_model(
             "adapter_scale": 1.0,
         }
     )
-    base, _ = mlx_lm.load(str(src), lazy=True)
+    base, _ = load_mlx_lm(src, lazy=True)
     cfg.check_model(model_type_of(config), len(base.layers))
     tensors = random_stream_tensors(
         stream_shapes(base, cfg), seed=seed, adapter_scale=adapter_init_scale
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="std of the adapters' B matrices (0 = adapters off)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cliargs.seed, default=0)
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     args = p.parse_args(argv)
     try:

@@ -166,9 +166,10 @@ def generate_parser() -> argparse.ArgumentParser:
         default=CLI_MAX_TOKENS,
         help="maximum number of tokens to generate (-1: no limit)",
     )
-    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling top-p (1: off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (0: off)")
+    number = cliargs.finite_float
+    p.add_argument("--temp", type=number, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=number, default=1.0, help="nucleus sampling top-p (1: off)")
+    p.add_argument("--min-p", type=number, default=0.0, help="min-p sampling (0: off)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")
     p.add_argument(
         "--xtc-probability",

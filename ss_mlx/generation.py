@@ -21,7 +21,7 @@ from .drafters.hybrid import HybridConfig, HybridDrafter
 from .drafters.streams import Proposer, StreamDrafter
 from .files import cache_root
 from .model.ss_model import SSModel
-from .tuned import load_tuned, load_tuned_tree, row_cost_curve
+from .tuned import load_tuned, row_cost_curve
 
 DYNAMIC = "dynamic"
 
@@ -75,13 +75,23 @@ def _check_model(model: Any) -> SSModel:
     return model
 
 
+def tuned_record(model: SSModel) -> dict[str, Any] | None:
+    """This model's `ss-mlx tune` record for this machine, read (and validated, a damaged file
+    warned about) once per loaded model."""
+    if "_tuned" not in model.__dict__:
+        record = None
+        if model.path is not None:
+            vocab = model.inner.embed_tokens.weight.shape[0]
+            record = load_tuned(model.path, num_streams=model.num_streams, vocab_size=vocab)
+        object.__setattr__(model, "_tuned", record)  # plain attribute: not a module child
+    return model.__dict__["_tuned"]
+
+
 def dynamic_drafter(model: SSModel, config: HybridConfig | None = None) -> HybridDrafter:
     """The default draft source: streams + prompt lookup in one tree chosen every step, costed
     with this machine's curve from `ss-mlx tune` (or the default) and the streams' measured
     acceptance as the prior."""
-    record = None
-    if model.path is not None:
-        record = load_tuned(model.path, num_streams=model.num_streams)
+    record = tuned_record(model)
     prior = None
     probs = ((record or {}).get("tree") or {}).get("rank_probs")
     if probs:
@@ -94,8 +104,8 @@ def resolve_tree(model: SSModel, tree: TreeSpec | str | dict | None) -> TreeSpec
     on this machine, else the model config's, else a default."""
     model = _check_model(model)
     vocab = model.inner.embed_tokens.weight.shape[0]
-    if tree is None and model.path is not None:
-        tree = load_tuned_tree(model.path, num_streams=model.num_streams, vocab_size=vocab)
+    if tree is None:
+        tree = (tuned_record(model) or {}).get("tree")
     if tree is None:
         tree = model.cfg.tree
     spec = default_tree(model.num_streams) if tree is None else as_tree(

@@ -68,7 +68,7 @@ def test_damaged_tuned_file_never_breaks_generation(tmp_path, monkeypatch, case)
     with pytest.warns(UserWarning, match=path.name):
         spec = resolve_tree(model, None)
     assert spec.depth <= 2
-    with pytest.warns(UserWarning, match=path.name):
-        text = generate(model, tokenizer, mx.array([1, 2, 3]), max_tokens=5)
+    # Read once per loaded model: generation goes on with the default, without a new warning.
+    text = generate(model, tokenizer, mx.array([1, 2, 3]), max_tokens=5)
     assert isinstance(text, str)
 

@@ -31,7 +31,6 @@ import json
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -775,7 +774,7 @@ def build_methods(args: argparse.Namespace, model_dir: Path, ss_model: Any, base
     from ..decode.tree import default_tree
     from ..drafters.lookup import LookupConfig
     from ..drafters.medusa import load_medusa
-    from ..tuned import load_tuned
+    from ..generation import tuned_record
 
     methods, skipped = [], []
     for kind in _parse_methods(args.methods):
@@ -793,8 +792,7 @@ def build_methods(args: argparse.Namespace, model_dir: Path, ss_model: Any, base
                                 for t in args.tree or ["dynamic", "default"]]
             names: list[str | None] = [None] * len(trees)
             if not args.tree:
-                tuned = load_tuned(model_dir, num_streams=ss_model.num_streams,
-                                   vocab_size=base.model.embed_tokens.weight.shape[0])
+                tuned = tuned_record(ss_model)
                 if tuned is not None:
                     trees.append(tuned["tree"])
                     names.append(f"ss[tuned {tree_label(tuned['tree'])}]")
@@ -900,15 +898,13 @@ def main(argv: list[str] | None = None) -> None:
                                           progress=progress)
         verify_cost["source"] = "measured in this run"
     else:
+        from ..generation import tuned_record
         from ..tuned import load_tuned, tuned_path
 
-        # build_methods already warned about a damaged file when it looked for the tuned tree.
-        warned = ss_model is not None and not args.tree and "ss" in _parse_methods(args.methods)
-        with warnings.catch_warnings():
-            if warned:
-                warnings.simplefilter("ignore")
-            tuned = load_tuned(model_dir, num_streams=ss_model.num_streams if ss_model else None,
-                               vocab_size=base.model.embed_tokens.weight.shape[0])
+        if ss_model is not None:
+            tuned = tuned_record(ss_model)  # read (and warned about) once per model
+        else:
+            tuned = load_tuned(model_dir, vocab_size=base.model.embed_tokens.weight.shape[0])
         if tuned is not None and tuned.get("verify_cost"):
             verify_cost = dict(tuned["verify_cost"], source=str(tuned_path(model_dir)))
 

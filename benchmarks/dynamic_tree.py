@@ -28,7 +28,7 @@ SETS = {  # name -> bench --dataset value
     "dialogsum": "dialogsum",
     "wikisql": "wikisql",
 }
-TREES = ("dynamic", "1", "3,2,1", "8,4,2,1:16")
+TREES = ("dynamic", "1")
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, dict]:

@@ -17,7 +17,7 @@ from .decode.loop import StepToken, decode
 from .decode.sampling import SamplerConfig, sampler_settings
 from .decode.tree import TreeSpec, as_tree, default_tree
 from .decode.verify import RELAXED_RULES, AcceptRule, TypicalParams, resolve_rule
-from .drafters.hybrid import HybridConfig, HybridDrafter
+from .drafters.hybrid import HybridConfig, HybridDrafter, HybridStats
 from .drafters.streams import Proposer, StreamDrafter
 from .files import cache_root
 from .model.ss_model import SSModel
@@ -92,11 +92,14 @@ def dynamic_drafter(model: SSModel, config: HybridConfig | None = None) -> Hybri
     with this machine's curve from `ss-mlx tune` (or the default) and the streams' measured
     acceptance as the prior."""
     record = tuned_record(model)
-    prior = None
-    probs = ((record or {}).get("tree") or {}).get("rank_probs")
-    if probs:
-        prior = tuple(float(p[0]) for p in probs)
-    return HybridDrafter(model, config, row_cost_curve(record, model.num_streams), prior)
+    config = config or HybridConfig()
+    stats = model.__dict__.get("_hybrid_stats")
+    if stats is None or len(stats.lookup_rate) != config.lookup_depth:
+        probs = ((record or {}).get("tree") or {}).get("rank_probs")
+        prior = tuple(float(p[0]) for p in probs) if probs else None
+        stats = HybridStats(model.num_streams, config.lookup_depth, prior)
+        object.__setattr__(model, "_hybrid_stats", stats)  # plain attribute: not a module child
+    return HybridDrafter(model, config, row_cost_curve(record, model.num_streams), stats)
 
 
 def resolve_tree(model: SSModel, tree: TreeSpec | str | dict | None) -> TreeSpec:

@@ -82,6 +82,28 @@ class Rate:
         return self.hits / self.trials
 
 
+class HybridStats:
+    """What the drafter has measured of its sources: kept per loaded model, so each generation
+    starts from what the earlier ones learned (the priors only start the first).
+
+    stream_cal[d]: stream d's calibration, accepted / predicted probability mass (1 =
+    calibrated); stream_top1[d]: how often its top token is right when streams < d were (what
+    computing d streams adds to the next tree); lookup_first[k]: P(a lookup draft's first token
+    is right) after an n-gram match of length 1, 2, 3+; lookup_rate[d]: P(depth d right | depth
+    d - 1 right).
+    """
+
+    def __init__(self, num_streams: int, lookup_depth: int,
+                 stream_prior: tuple[float, ...] | None = None,
+                 lookup_prior: tuple[float, ...] = (0.25, 0.7, 0.8)):
+        prior = stream_prior or (0.4, 0.5, 0.6)
+        self.stream_cal = [Rate(1.0) for _ in range(num_streams)]
+        self.stream_top1 = [Rate(prior[min(d, len(prior) - 1)]) for d in range(num_streams)]
+        self.lookup_first = [Rate(lookup_prior[0] * f) for f in (0.5, 1.0, 1.6)]
+        self.lookup_rate = [Rate(lookup_prior[min(d, len(lookup_prior) - 1)])
+                            for d in range(lookup_depth)]
+
+
 class _Node:
     __slots__ = ("token", "depth", "parent", "prob", "sources", "stream_q", "stream_rank",
                  "ngram", "children")
@@ -106,25 +128,17 @@ class HybridDrafter:
         model: SSModel,
         config: HybridConfig | None = None,
         cost_curve: CostCurve = DEFAULT_ROW_COST,
-        stream_prior: tuple[float, ...] | None = None,
-        lookup_prior: tuple[float, ...] = (0.35, 0.7, 0.8),
+        stats: "HybridStats | None" = None,
     ):
         self.model, self.base = model, model.base
         self.config = config or HybridConfig()
         self.curve = cost_curve
         G = model.num_streams
         self.max_depth = min(G, self.config.max_stream_depth or G)
-        # Calibration of stream d: accepted / predicted probability mass (1 = calibrated).
-        prior = stream_prior or (0.4, 0.5, 0.6)
-        self.stream_cal = [Rate(1.0) for _ in range(G)]
-        # How often stream d's top token is right when its parent is: what computing d
-        # streams is expected to add to the next tree.
-        self.stream_top1 = [Rate(prior[min(d, len(prior) - 1)]) for d in range(G)]
-        # Lookup: P(depth-1 token right) by the matched n-gram's length (1, 2, 3+), then
-        # P(depth d right | depth d - 1 right).
-        self.lookup_first = [Rate(lookup_prior[0] * f) for f in (0.5, 1.0, 1.5)]
-        self.lookup_rate = [Rate(lookup_prior[min(d, len(lookup_prior) - 1)])
-                            for d in range(self.config.lookup_depth)]
+        stats = stats or HybridStats(G, self.config.lookup_depth)
+        # The rates are the stats' own lists: what this generation learns, later ones start from.
+        self.stream_cal, self.stream_top1 = stats.stream_cal, stats.stream_top1
+        self.lookup_first, self.lookup_rate = stats.lookup_first, stats.lookup_rate
         self.index = NgramIndex(self.config.min_ngram, self.config.max_ngram)
         self.trees: OrderedDict[tuple, TreeSpec] = OrderedDict()
         self.stream_depth = 0  # streams the coming pass computes

@@ -445,6 +445,15 @@ def distill_shards(args: argparse.Namespace) -> dict[str, Any]:
         shards=[] if old is None else old["shards"],
     )
     done = {e["name"]: e for e in manifest["shards"]}
+    if old is None:  # record the settings before the first (slow) shard
+        _write_manifest(folder, manifest)
+    print(
+        f"{folder}: {len(plan)} prompts in {n_shards} shards of {args.shard_size}, "
+        f"{len(done)} done; engine {engine}, batch {args.batch_size}, "
+        f"{torch.get_num_threads()} threads",
+        file=sys.stderr,
+        flush=True,
+    )
 
     def keys(k: int) -> list[tuple[str, int]]:
         return [(p.file, p.row) for p in plan[k * args.shard_size : (k + 1) * args.shard_size]]

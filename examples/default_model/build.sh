@@ -24,7 +24,7 @@ if [ -n "${DISTILLED:-}" ]; then
   # From committed token-id shards (data/distilled/RUN, see its README): DISTILL_SHARDS=N first
   # adds up to N new shards to the run (resumable), then the shards become training rows.
   ss-mlx distill --model "$BASE" --shards "$DISTILLED" --data ../shared/data --sources permissive \
-    --shard-size 256 --max-new-tokens 256 --batch-size 64 --max-shards "${DISTILL_SHARDS:-0}"
+    --shard-size 64 --max-new-tokens 256 --batch-size 32 --max-shards "${DISTILL_SHARDS:-0}"
   ss-mlx distill --model "$BASE" --shards "$DISTILLED" --data ../shared/data \
     --export-jsonl $W/distill_train.jsonl
 else

@@ -7,12 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 SOURCES=${SOURCES:-permissive}
 RUN=${RUN:-smollm2_permissive_t256}
-BATCH=${BATCH:-64}
+BATCH=${BATCH:-32}
 THREADS=${THREADS:-2}
 BASE=${BASE:-$(ss-mlx models path default --quiet)}
 OUT=data/distilled/$RUN
 CMD=(python -m ss_mlx_convert.distill --model "$BASE" --shards "$OUT" --data ../shared/data
-     --sources "$SOURCES" --shard-size 256 --max-new-tokens 256 --max-prompt-tokens 1024
+     --sources "$SOURCES" --shard-size 64 --max-new-tokens 256 --max-prompt-tokens 1024
      --batch-size "$BATCH" --threads "$THREADS" --dtype float32 "$@")
 if [ "${BG:-0}" = 1 ]; then
   mkdir -p work/logs

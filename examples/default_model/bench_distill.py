@@ -140,6 +140,23 @@ def main() -> None:
             )
             if rows is not None:
                 saved[spec] = rows
+    # Greedy agreement between methods (e.g. bf16 vs fp32): identical rows, common prefix.
+    specs = list(saved)
+    for i, a in enumerate(specs):
+        for b in specs[i + 1 :]:
+            same = sum(x == y for x, y in zip(saved[a], saved[b], strict=True))
+            prefix = [
+                next(
+                    (k for k, (u, v) in enumerate(zip(x, y, strict=False)) if u != v),
+                    min(len(x), len(y)),
+                )
+                for x, y in zip(saved[a], saved[b], strict=True)
+            ]
+            print(
+                f"{a} vs {b}: {same}/{len(saved[a])} rows identical, "
+                f"mean common prefix {sum(prefix) / len(prefix):.1f} tokens",
+                flush=True,
+            )
     if args.save:
         Path(args.save).write_text(json.dumps(saved))
 

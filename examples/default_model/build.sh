@@ -2,6 +2,9 @@
 # Reproduce the default model's trained streams (SmolLM2-135M-Instruct, lossless mode).
 # Every step resumes: rerunning skips finished work. Outputs go to work/default_model (git-ignored).
 #   bash examples/default_model/build.sh
+#   DISTILLED=data/distilled/smollm2_permissive_t256 bash examples/default_model/build.sh
+#     trains on the committed distilled shards instead of distilling ~1,070 prompts here
+#     (set STEPS to match the larger data set)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 W=work/default_model
@@ -17,8 +20,17 @@ RUN=$W/train_g${G}_ns${NS}_r${RANK}
 
 python examples/default_model/prompts.py --data ../shared/data --out $W
 # The base model's own greedy answers are the targets: the streams learn to predict SmolLM2.
-ss-mlx distill --model "$BASE" --prompts $W/prompts_train.jsonl --out $W/distill_train.jsonl \
-  --max-new-tokens 128 --batch-size 32 --limit "$N_TRAIN"
+if [ -n "${DISTILLED:-}" ]; then
+  # From committed token-id shards (data/distilled/RUN, see its README): DISTILL_SHARDS=N first
+  # adds up to N new shards to the run (resumable), then the shards become training rows.
+  ss-mlx distill --model "$BASE" --shards "$DISTILLED" --data ../shared/data --sources permissive \
+    --shard-size 64 --max-new-tokens 256 --batch-size 32 --max-shards "${DISTILL_SHARDS:-0}"
+  ss-mlx distill --model "$BASE" --shards "$DISTILLED" --data ../shared/data \
+    --export-jsonl $W/distill_train.jsonl
+else
+  ss-mlx distill --model "$BASE" --prompts $W/prompts_train.jsonl --out $W/distill_train.jsonl \
+    --max-new-tokens 128 --batch-size 32 --limit "$N_TRAIN"
+fi
 ss-mlx distill --model "$BASE" --prompts $W/prompts_heldout.jsonl --out $W/distill_heldout.jsonl \
   --max-new-tokens 128 --batch-size 24 --limit "$N_EVAL"
 ss-mlx train --model "$BASE" --data $W/distill_train.jsonl --eval $W/distill_heldout.jsonl \

@@ -29,7 +29,7 @@ def run_ids(run):
 
 @pytest.fixture(scope="module")
 def base_dir():
-    from ss_mlx.default_model import DefaultModelError, ensure_default_model
+    from ss_mlx.prepare.default_model import DefaultModelError, ensure_default_model
 
     try:
         return ensure_default_model(progress=False)

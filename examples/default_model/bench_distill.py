@@ -65,7 +65,7 @@ def main() -> None:
     from ss_mlx_convert.fastgen import generate_greedy
 
     if args.model is None:
-        from ss_mlx.default_model import default_model_path
+        from ss_mlx.prepare.default_model import default_model_path
 
         args.model = str(default_model_path())
     tok = transformers.AutoTokenizer.from_pretrained(args.model)

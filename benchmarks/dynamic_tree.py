@@ -38,13 +38,18 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, dict]:
         dataset = SETS[name]
         if dataset.endswith(".jsonl"):
             dataset = str(data_root() / dataset)
-        path = out / f"dynamic_{name}.json"
+        path = out / f"dynamic_{name}-set.json"
         if not (args.resume and path.is_file()):
             print(f"\n## {name}\n", flush=True)
             bench.main([*model, "--dataset", dataset, "--n", str(args.n),
                         "--max-tokens", str(args.max_tokens), "--methods", "ar,ss,lookup",
                         *(x for t in TREES for x in ("--tree", t)),
                         "--warmup", "1", "--repeats", str(args.repeats), "--json", str(path)])
+            report = json.loads(path.read_text())
+            for row in report.get("prompts", []):  # third-party text stays in ../shared/data
+                if isinstance(row, dict) and "text" in row:
+                    row["text"] = None
+            write_json(path, report)
         reports[name] = json.loads(path.read_text())
     return reports
 

@@ -33,6 +33,7 @@ from ..tuned import DEFAULT_ROW_COST, CostCurve, cost_at
 from .lookup import NgramIndex
 
 STREAMS, LOOKUP = "streams", "lookup"
+MIN_GAIN = 1.05  # expected tokens per unit cost a tree must reach to beat a root-only pass
 
 
 @dataclass(frozen=True)
@@ -302,6 +303,10 @@ class HybridDrafter:
                 value = (1.0 + gained[T - 1] + extra) / cost_at(self.curve, T * (1 + depth))
                 if value > best + 1e-9:
                     best, choice = value, (T, depth)
+        # The estimates are noisy and the cost curve approximate: a draft must promise a clear
+        # gain over the plain step (value 1), or the pass is mlx-lm's own one-token step.
+        if best < MIN_GAIN and not explore:
+            return (1, 0)
         return choice
 
     def _as_draft(self, chosen: list[_Node]) -> Draft:

@@ -12,9 +12,8 @@ import sys
 import time
 from typing import Any
 
+from . import cliargs
 from .cli import CLIError, HelpFormatter, add_model_args, add_version, check_text, read_stdin
-
-DEFAULT_QUANTIZED_KV_START = 5000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,20 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the file to write (a .safetensors name)",
     )
     p.add_argument("--prompt", required=True, help="the prompt to cache ('-' reads stdin)")
-    p.add_argument(
-        "--kv-bits",
-        type=int,
-        default=None,
-        help="mlx-lm's KV quantization; accepted only while the prompt stays below "
-        "--quantized-kv-start (the cache is then a plain one, as mlx-lm's would be)",
-    )
-    p.add_argument("--kv-group-size", type=int, default=64, help="KV quantization group size")
-    p.add_argument(
-        "--quantized-kv-start",
-        type=int,
-        default=DEFAULT_QUANTIZED_KV_START,
-        help="with --kv-bits, the context length where mlx-lm starts quantizing the cache",
-    )
+    cliargs.add_kv_cache_args(p)
     p.add_argument(
         "--prefill-step-size",
         type=int,
@@ -87,7 +73,7 @@ def cache_prompt(
     eos_token: str | None = None,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
-    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
+    quantized_kv_start: int = cliargs.DEFAULT_QUANTIZED_KV_START,
     prefill_step_size: int = 2048,
     progress: bool = True,
 ) -> int:

@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None) -> None:
 CLI_MAX_TOKENS = 100
 DEFAULT_XTC_THRESHOLD = 0.1
 DEFAULT_PREFILL_STEP_SIZE = 2048
-DEFAULT_QUANTIZED_KV_START = 5000
 
 
 class CLIError(Exception):
@@ -243,20 +242,7 @@ def generate_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="quantize activations as the layer's weights (mlx-lm's model option)",
     )
-    p.add_argument(
-        "--kv-bits",
-        type=int,
-        default=None,
-        help="mlx-lm's KV cache quantization; a tree pass cannot rewind a quantized cache, so "
-        "it is accepted only while the context stays below --quantized-kv-start",
-    )
-    p.add_argument("--kv-group-size", type=int, default=64, help="KV quantization group size")
-    p.add_argument(
-        "--quantized-kv-start",
-        type=int,
-        default=DEFAULT_QUANTIZED_KV_START,
-        help="with --kv-bits, the context length where mlx-lm starts quantizing the cache",
-    )
+    cliargs.add_kv_cache_args(p)
     p.add_argument(
         "--draft-model",
         default=None,

@@ -112,3 +112,24 @@ def read_stdin_text(flag: str) -> str:
             f"{flag}: stdin is not valid UTF-8 text (byte {data[e.start : e.start + 1].hex()!r} "
             f"at position {e.start})"
         ) from None
+
+
+DEFAULT_QUANTIZED_KV_START = 5000  # mlx-lm's
+
+
+def add_kv_cache_args(p: argparse.ArgumentParser) -> None:
+    """mlx-lm's KV-cache quantization flags (`generate` and `cache-prompt` take the same)."""
+    p.add_argument(
+        "--kv-bits",
+        type=int,
+        default=None,
+        help="mlx-lm's KV cache quantization; a tree pass cannot rewind a quantized cache, so "
+        "it is accepted only while the context stays below --quantized-kv-start",
+    )
+    p.add_argument("--kv-group-size", type=int, default=64, help="KV quantization group size")
+    p.add_argument(
+        "--quantized-kv-start",
+        type=int,
+        default=DEFAULT_QUANTIZED_KV_START,
+        help="with --kv-bits, the context length where mlx-lm starts quantizing the cache",
+    )

@@ -11,6 +11,7 @@ from mlx_lm.generate import generation_stream, wired_limit
 from mlx_lm.sample_utils import LogitsProcessor
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from . import cliargs
 from .cliargs import check_text
 from .decode.coarse import groups_for_model
 from .decode.loop import StepToken, decode
@@ -26,7 +27,6 @@ from .tuned import load_tuned, row_cost_curve
 DYNAMIC = "dynamic"
 
 DEFAULT_MAX_TOKENS = 256
-DEFAULT_QUANTIZED_KV_START = 5000  # mlx-lm's
 
 
 @dataclass
@@ -137,7 +137,7 @@ def ss_generate_step(
     max_kv_size: int | None = None,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
-    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
+    quantized_kv_start: int = cliargs.DEFAULT_QUANTIZED_KV_START,
     stream: mx.Stream | Any = generation_stream,
 ) -> Generator[StepToken, None, None]:
     """Speculative Streaming decoding, token by token.

@@ -42,6 +42,7 @@ def ss_loss(
     exit_logits: torch.Tensor | None = None,
     exit_weight: float = 0.1,
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    anchors: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """eq. 5: alpha0 * CE(main_i -> x_{i+1}) + sum_j alpha_j * CE(stream_{i,j} -> x_{i+1+j}).
 
@@ -52,6 +53,8 @@ def ss_loss(
     response token. Metrics per term:
     `{name}_loss`, `{name}_acc`, `{name}_n` (count) and `{name}_correct`, with name in main,
     stream1..streamG, exit; plus `loss`.
+    anchors (B,P): the positions the stream (and exit) rows belong to, when the model computed
+    the streams of a sample of positions only (`StreamingLM.forward(anchors=...)`).
     """
     L, G = input_ids.shape[1], stream_logits.shape[2]
     weights = (
@@ -62,26 +65,52 @@ def ss_loss(
     metrics: dict[str, float] = {}
     total = stream_logits.sum() * 0.0
 
-    def add(name: str, weight: float, logits: torch.Tensor, shift: int) -> None:
+    def add(name: str, weight: float, logits: torch.Tensor, shift: int, anchored: bool) -> None:
         # Position i predicts token i + shift; positions without a target drop out.
         nonlocal total
-        loss, n, correct = masked_ce(
-            logits[:, : L - shift], input_ids[:, shift:], loss_mask[:, shift:], head
-        )
+        if anchored and anchors is not None:
+            at = anchors + shift  # (B, P)
+            inside = at < L
+            at = at.clamp(max=L - 1)
+            tg, mk = input_ids.gather(1, at), loss_mask.gather(1, at) * inside
+            loss, n, correct = masked_ce(logits, tg, mk, head)
+        else:
+            loss, n, correct = masked_ce(
+                logits[:, : L - shift], input_ids[:, shift:], loss_mask[:, shift:], head
+            )
         total = total + weight * loss
         metrics.update(term_metrics(name, float(loss.detach()), n, correct))
 
     if main_logits is not None:
-        add("main", alpha0, main_logits, 1)
+        add("main", alpha0, main_logits, 1, False)
     for j in range(1, G + 1):
         if j + 1 < L:
-            add(f"stream{j}", weights[j - 1], stream_logits[:, :, j - 1], j + 1)
+            add(f"stream{j}", weights[j - 1], stream_logits[:, :, j - 1], j + 1, True)
         else:
             metrics.update(term_metrics(f"stream{j}", 0.0, 0, 0))
     if exit_logits is not None:
-        add("exit", exit_weight, exit_logits, 1)
+        add("exit", exit_weight, exit_logits, 1, True)
     metrics["loss"] = float(total.detach())
     return total, metrics
+
+
+def sample_anchors(
+    loss_mask: torch.Tensor, per_row: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(B, per_row) positions drawn without replacement, uniformly from those whose first
+    stream target (i + 2) is scored; a row with fewer fills up with L - 1, which has no
+    stream target and so drops out of the loss. loss_mask (B, L)."""
+    B, L = loss_mask.shape
+    ok = torch.zeros(B, L, dtype=torch.bool)
+    ok[:, : L - 2] = loss_mask[:, 2:].bool().cpu()
+    keys = torch.rand(B, L, generator=generator).masked_fill(~ok, 2.0)  # invalid sort last
+    order = keys.argsort(dim=1)[:, :per_row]  # (B, P)
+    taken = torch.gather(ok, 1, order)
+    out = torch.where(taken, order, torch.full_like(order, L - 1))
+    if out.shape[1] < per_row:
+        pad = torch.full((B, per_row - out.shape[1]), L - 1, dtype=out.dtype)
+        out = torch.cat([out, pad], dim=1)
+    return out.sort(dim=1).values.to(loss_mask.device)
 
 
 def term_metrics(name: str, loss: float, n: int, correct: int) -> dict[str, float]:
@@ -148,3 +177,33 @@ def chain_acceptance(
     targets = torch.stack([input_ids[:, 1 + j : 1 + j + n] for j in range(1, G + 1)], dim=-1)
     run = (pred == targets[valid]).long().cumprod(dim=-1).sum(-1)  # (m,)
     return float(run.sum()), int(valid.sum())
+
+
+@torch.no_grad()
+def stream_counts(
+    main_hidden: torch.Tensor,
+    stream_hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    k: int = 3,
+) -> list[tuple[int, int, int]]:
+    """Per stream j: (top-k hits, echoes, scored positions). An echo is a stream top-1 that
+    repeats the main head's top-1 at the same position (its guess for x_{i+1}) while the
+    target x_{i+1+j} is another token: the failure of streams that learned to copy the current
+    prediction. main_hidden (B,L,D), stream_hidden (B,L,G,D) LM-head inputs."""
+    L, G = input_ids.shape[1], stream_hidden.shape[2]
+    out = []
+    for j in range(1, G + 1):
+        n = L - 1 - j
+        if n <= 0:
+            out.append((0, 0, 0))
+            continue
+        sel = loss_mask[:, 1 + j :].bool()  # (B, n): scored targets x_{i+1+j}
+        main_top = head(main_hidden[:, :n][sel]).argmax(-1)  # (m,)
+        top = head(stream_hidden[:, :n, j - 1][sel]).topk(k, dim=-1).indices  # (m, k)
+        target = input_ids[:, 1 + j :][sel]
+        echo = (top[:, 0] == main_top) & (top[:, 0] != target)
+        hits = (top == target[:, None]).any(-1)
+        out.append((int(hits.sum()), int(echo.sum()), int(sel.sum())))
+    return out

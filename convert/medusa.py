@@ -90,12 +90,15 @@ class MedusaLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         base_output: BaseOutput | None = None,
         return_hidden: bool = False,
+        anchors: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor, None]:
         """-> main logits (B,L,V), head logits (B,L,K,V), None; LM-head inputs if return_hidden."""
         if base_output is None:
             with torch.no_grad():
                 base_output = self.base_forward(input_ids, attention_mask, position_ids)
-        heads, _ = self.stream_hidden(base_output.stream_inputs, base_output.position_ids)
+        heads, _ = self.stream_hidden(
+            base_output.stream_inputs, base_output.position_ids, anchors=anchors
+        )
         main = base_output.main_hidden
         if return_hidden:
             return main, heads, None
@@ -106,7 +109,11 @@ class MedusaLM(nn.Module):
         stream_inputs: Sequence[torch.Tensor],
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        anchors: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None]:
-        """LM-head inputs of the K heads (B,L,K,D) from the final normed hidden state."""
+        """LM-head inputs of the K heads (B,P,K,D) from the final normed hidden state, at the
+        positions anchors (B,P) names (all L when None)."""
         h = stream_inputs[0]  # (B, L, D)
+        if anchors is not None:
+            h = h.gather(1, anchors[:, :, None].expand(-1, -1, h.shape[-1]))  # (B, P, D)
         return torch.stack([head(h) for head in self.medusa_head], dim=2), None

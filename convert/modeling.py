@@ -176,6 +176,7 @@ class StreamingLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         base_output: BaseOutput | None = None,
         return_hidden: bool = False,
+        anchors: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """-> main logits (B,L,V), stream logits (B,L,G,V), early-exit logits (B,L,V) or None.
 
@@ -183,13 +184,15 @@ class StreamingLM(nn.Module):
         loss can score selected rows without materialising (B,L,G,V) logits.
         base_output (e.g. cached for a frozen base) skips the base pass; its main_hidden may
         be None (then so is the first output).
+        anchors (B,P): compute the streams of these positions only (P replaces L in the stream
+        and exit outputs); see `stream_hidden`.
         """
         if base_output is None:
             trainable_base = any(p.requires_grad for p in self.base.parameters())
             with torch.set_grad_enabled(torch.is_grad_enabled() and trainable_base):
                 base_output = self.base_forward(input_ids, attention_mask, position_ids)
         streams, exits = self.stream_hidden(
-            base_output.stream_inputs, base_output.position_ids, attention_mask
+            base_output.stream_inputs, base_output.position_ids, attention_mask, anchors
         )
         outs = (base_output.main_hidden, streams, exits)
         if return_hidden:
@@ -201,33 +204,45 @@ class StreamingLM(nn.Module):
         stream_inputs: Sequence[torch.Tensor],
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        anchors: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Final normed stream states (B,L,G,D) and early-exit states (B,L,D) or None, from the
-        main hidden states entering layers s..N-1 (Ns x (B,L,D))."""
-        h = stream_inputs[0]  # (B, L, D)
-        B, L, _ = h.shape
+        """Final normed stream states (B,P,G,D) and early-exit states (B,P,D) or None, from the
+        main hidden states entering layers s..N-1 (Ns x (B,L,D)).
+
+        The streams of position t read only main rows <= t and their own rows, so any subset of
+        positions gives exactly those positions' streams: anchors (B,P) picks them (P = L, all
+        positions, when None). Training on a sample of positions cuts the stream layers' cost,
+        quadratic in L through the main-key scores, to P/L of it.
+        """
+        h_all = stream_inputs[0]  # (B, L, D)
+        B, L, D = h_all.shape
         G = self.num_streams
         hf = self.hf()
         rotary = hf.model.rotary_emb
+        keys = torch.arange(L, device=h_all.device)
+        if anchors is None:
+            q_pos = keys.expand(B, L)  # (B, P=L)
+            h = h_all
+        else:
+            q_pos = anchors
+            h = h_all.gather(1, anchors[:, :, None].expand(-1, -1, D))  # (B, P, D)
+        P = q_pos.shape[1]
 
         # Main keys t' are visible to stream rows of t when t' <= t and t' is a real token.
-        causal = torch.ones(L, L, dtype=torch.bool, device=h.device).tril()  # (t, t')
-        key_ok = (
-            causal[None]
-            if attention_mask is None
-            else causal[None] & attention_mask[:, None, :].bool()
-        )
-        main_allowed = key_ok[:, None, None, :, None, :]  # (B, 1, 1, t, 1, t')
+        key_ok = q_pos[:, :, None] >= keys[None, None, :]  # (B, P, L)
+        if attention_mask is not None:
+            key_ok = key_ok & attention_mask[:, None, :].bool()
+        main_allowed = key_ok[:, None, None, :, None, :]  # (B, 1, 1, P, 1, L)
         stream_allowed = torch.ones(G, G, dtype=torch.bool, device=h.device).tril()  # (j, j')
 
-        cos_m, sin_m = rotary(h, position_ids)  # (B, L, rot)
+        cos_m, sin_m = rotary(h_all, position_ids)  # (B, L, rot)
         offsets = torch.arange(1, G + 1, device=h.device)
         if self.ss["stream_position_mode"] == "anchor":
             offsets = torch.zeros_like(offsets)
-        pos_s = (position_ids[:, :, None] + offsets).reshape(B, L * G)
-        cos_s, sin_s = (c.view(B, L, G, -1) for c in rotary(h, pos_s))  # (B, L, G, rot)
+        pos_s = (position_ids.gather(1, q_pos)[:, :, None] + offsets).reshape(B, P * G)
+        cos_s, sin_s = (c.view(B, P, G, -1) for c in rotary(h, pos_s))  # (B, P, G, rot)
 
-        S = h[:, :, None, :] + self.stream_embeddings.to(h.dtype)  # (B, L, G, D)
+        S = h[:, :, None, :] + self.stream_embeddings.to(h.dtype)  # (B, P, G, D)
         layers = self._layers()
         for i, layer_idx in enumerate(range(self.first_stream_layer, self.num_layers)):
             S = self._stream_layer(
@@ -309,8 +324,9 @@ class StreamingLM(nn.Module):
         main_allowed: torch.Tensor,
         stream_allowed: torch.Tensor,
     ) -> torch.Tensor:
-        # S: (B, L, G, D) stream rows entering this layer; x_main: (B, L, D) main rows entering it.
-        B, L, G, _ = S.shape
+        # S: (B, P, G, D) stream rows entering this layer; x_main: (B, L, D) main rows entering it.
+        B, P, G, _ = S.shape
+        L = x_main.shape[1]
         Hk, hd = self.num_kv_heads, self.head_dim
         rep = self.num_heads // Hk
         attn = layer.self_attn
@@ -323,21 +339,21 @@ class StreamingLM(nn.Module):
         cos_s, sin_s = rope_stream[0][:, :, :, None], rope_stream[1][:, :, :, None]
         q, k_s = apply_rope(q, cos_s, sin_s), apply_rope(k_s, cos_s, sin_s)
         # Query head h uses kv head h // rep (HF repeat_kv order).
-        q = q.permute(0, 3, 1, 2, 4).reshape(B, Hk, rep, L, G, hd)
-        k_s = k_s.permute(0, 3, 1, 2, 4)[:, :, None]  # (B, Hk, 1, L, G, hd)
+        q = q.permute(0, 3, 1, 2, 4).reshape(B, Hk, rep, P, G, hd)
+        k_s = k_s.permute(0, 3, 1, 2, 4)[:, :, None]  # (B, Hk, 1, P, G, hd)
         v_s = v_s.permute(0, 3, 1, 2, 4)[:, :, None]
 
         scale = hd**-0.5
-        # Scores vs main keys: (B, Hk, rep, L, G, L); vs same-token streams: (B, Hk, rep, L, G, G).
-        sc_m = (q.reshape(B, Hk, rep * L * G, hd) @ k_m.transpose(-1, -2)).view(B, Hk, rep, L, G, L)
+        # Scores vs main keys: (B, Hk, rep, P, G, L); vs same-token streams: (B, Hk, rep, P, G, G).
+        sc_m = (q.reshape(B, Hk, rep * P * G, hd) @ k_m.transpose(-1, -2)).view(B, Hk, rep, P, G, L)
         sc_s = q @ k_s.transpose(-1, -2)
         sc_m = (sc_m * scale).masked_fill(~main_allowed, float("-inf"))
         sc_s = (sc_s * scale).masked_fill(~stream_allowed, float("-inf"))
         probs = torch.softmax(torch.cat((sc_m, sc_s), dim=-1), dim=-1, dtype=torch.float32)
         probs = probs.to(q.dtype)
         p_m, p_s = probs[..., :L], probs[..., L:]
-        o = (p_m.reshape(B, Hk, rep * L * G, L) @ v_m).view(B, Hk, rep, L, G, hd) + p_s @ v_s
-        o = o.reshape(B, Hk * rep, L, G, hd).permute(0, 2, 3, 1, 4).reshape(B, L, G, -1)
+        o = (p_m.reshape(B, Hk, rep * P * G, L) @ v_m).view(B, Hk, rep, P, G, hd) + p_s @ v_s
+        o = o.reshape(B, Hk * rep, P, G, hd).permute(0, 2, 3, 1, 4).reshape(B, P, G, -1)
 
         S = S + self._proj(layer_idx, "self_attn.o_proj", attn.o_proj, o)
         return S + self._mlp(layer_idx, layer.mlp, layer.post_attention_layernorm(S))

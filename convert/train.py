@@ -34,7 +34,14 @@ from . import train_state
 from .data import Example, collate, epoch_batches, load_examples, pad_id_of
 from .dist import DistEnv, all_reduce_sums, barrier, init_distributed, shutdown
 from .hidden_cache import FrozenBaseCache
-from .loss import accumulate, aggregate_metrics, chain_acceptance, ss_loss
+from .loss import (
+    accumulate,
+    aggregate_metrics,
+    chain_acceptance,
+    sample_anchors,
+    ss_loss,
+    stream_counts,
+)
 from .medusa import MedusaLM
 from .modeling import StreamingLM, hf_causal_lm
 from .save_model import (
@@ -124,6 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "on", "off"),
         default="auto",
         help="frozen base (lossless/medusa): compute its hidden states once per example",
+    )
+    p.add_argument(
+        "--targets",
+        choices=("text", "base"),
+        default="text",
+        help="stream labels: the data's tokens, or (frozen base) the base's own prediction at "
+        "each position, teacher-forced on the data: fixed text then trains the streams to "
+        "predict the base, as its own generations would",
+    )
+    p.add_argument(
+        "--stream-positions",
+        type=int,
+        default=0,
+        help="per sequence and step, train the streams of this many random scored positions "
+        "(0: all); their cost is quadratic in the sequence length, the frozen base's is not",
     )
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -255,6 +277,8 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     core, peft_model = build_model(args, base)
     core.to(env.device)
     base_trainable = any(p.requires_grad for p in core.base.parameters())
+    if args.targets == "base" and base_trainable:
+        raise SystemExit("--targets base needs a frozen base (--mode lossless or medusa)")
     # Dropout only matters for LoRA; a frozen base must compute exactly what it does at inference.
     core.train(base_trainable)
 
@@ -282,6 +306,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     loss_kw = dict(
         alpha0=args.alpha0, alpha_streams=args.alpha_streams, exit_weight=args.exit_weight
     )
+    own_targets = args.targets == "base"
 
     epoch_cache: dict[int, list[list[int]]] = {}
 
@@ -306,11 +331,18 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
             (out_dir / "eval.json").unlink(missing_ok=True)
     for step in range(start_step, total_steps):
         for k in range(args.grad_accum):
-            idx = micro_batch(step * args.grad_accum + k)
+            m = step * args.grad_accum + k
+            idx = micro_batch(m)
             batch = _to(collate([examples[i] for i in idx], pad_id), env.device)
+            anchors = None
+            if args.stream_positions > 0:
+                g = torch.Generator().manual_seed(args.seed * 1_000_003 + m * env.world + env.rank)
+                anchors = sample_anchors(batch["loss_mask"], args.stream_positions, g)
             sync = k == args.grad_accum - 1 or not env.distributed
             with nullcontext() if sync else model.no_sync():
-                loss, metrics = _batch_loss(model, core, batch, idx, cache, loss_kw)
+                loss, metrics = _batch_loss(
+                    model, core, batch, idx, cache, loss_kw, own_targets, anchors
+                )
                 (loss / args.grad_accum).backward()
             accumulate(window, metrics)
             window["loss_sum"] = window.get("loss_sum", 0.0) + metrics["loss"]
@@ -364,21 +396,34 @@ def _batch_loss(
     idx: list[int],
     cache: FrozenBaseCache | None,
     loss_kw: dict[str, Any],
+    own_targets: bool = False,
+    anchors: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    kw = dict(exit_logits=None, head=core.lm_head, anchors=anchors, **loss_kw)
     # LM-head inputs out of the (DDP) forward; the frozen LM head runs on scored rows only.
     if cache is None:
-        main, streams, exits = model(ids, attn, return_hidden=True)
-        return ss_loss(main, streams, ids, mask, exit_logits=exits, head=core.lm_head, **loss_kw)
-    base_out, main_metrics = cache.lookup(core, batch, idx)
-    _, streams, exits = model(ids, attn, base_output=base_out, return_hidden=True)
-    loss, metrics = ss_loss(
-        None, streams, ids, mask, exit_logits=exits, head=core.lm_head, **loss_kw
+        main, streams, kw["exit_logits"] = model(ids, attn, return_hidden=True, anchors=anchors)
+        targets = _own_targets(core, main, ids) if own_targets else ids
+        return ss_loss(main, streams, targets, mask, **kw)
+    base_out, main_metrics, own = cache.lookup(core, batch, idx)
+    _, streams, kw["exit_logits"] = model(
+        ids, attn, base_output=base_out, return_hidden=True, anchors=anchors
     )
+    loss, metrics = ss_loss(None, streams, own if own_targets else ids, mask, **kw)
     metrics.update(main_metrics)
     # Report the same total as without the cache (the main term has no gradient here).
     metrics["loss"] += loss_kw["alpha0"] * main_metrics["main_loss"]
     return loss, metrics
+
+
+@torch.no_grad()
+def _own_targets(core: nn.Module, main: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) ids: position k+1 holds the frozen base's prediction at k (main (B, L, D) = LM-head
+    inputs), position 0 the input id; the labels FrozenBaseCache.lookup returns too."""
+    own = ids.clone()
+    own[:, 1:] = core.lm_head(main[:, :-1]).argmax(-1)
+    return own
 
 
 def _make_cache(
@@ -485,11 +530,19 @@ def evaluate(
         chain, count = chain_acceptance(streams, ids, mask, head=core.lm_head)
         sums["chain_sum"] += chain
         sums["chain_n"] += count
+        counts = stream_counts(main, streams, ids, mask, core.lm_head)
+        for j, (top3, echo, n) in enumerate(counts, 1):
+            for key, value in (("top3", top3), ("echo", echo), ("n", n)):
+                sums[f"x{j}_{key}"] = sums.get(f"x{j}_{key}", 0.0) + value
     sums = all_reduce_sums(env, sums)
     core.train(was_training)
-    out = aggregate_metrics({k: v for k, v in sums.items() if not k.startswith("chain_")})
+    out = aggregate_metrics({k: v for k, v in sums.items() if not k.startswith(("chain_", "x"))})
     n = sums["chain_n"]
     out["accepted_streams_mean"] = sums["chain_sum"] / n if n else float("nan")
+    for j in range(1, G + 1):  # top-3 accuracy and echo share (see loss.stream_counts)
+        n = sums.get(f"x{j}_n", 0.0)
+        for key in ("top3", "echo"):
+            out[f"stream{j}_{key}"] = sums.get(f"x{j}_{key}", 0.0) / n if n else float("nan")
     return out
 
 
@@ -497,9 +550,14 @@ def format_eval(metrics: dict[str, Any]) -> str:
     lines = [f"eval on {metrics['file']} ({metrics['examples']} examples, step {metrics['step']})"]
     names = [k[: -len("_acc")] for k in metrics if k.endswith("_acc")]
     for name in names:
+        extra = "".join(
+            f"  {key} {metrics[f'{name}_{key}']:.4f}"
+            for key in ("top3", "echo")
+            if f"{name}_{key}" in metrics
+        )
         lines.append(
             f"  {name:>9}: acc {metrics[name + '_acc']:.4f}  loss {metrics[name + '_loss']:.4f}"
-            f"  (n={int(metrics[name + '_n'])})"
+            f"{extra}  (n={int(metrics[name + '_n'])})"
         )
     lines.append(
         f"  mean accepted streams per step (greedy chain): {metrics['accepted_streams_mean']:.3f}"

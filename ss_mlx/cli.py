@@ -52,6 +52,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"ss-mlx: unknown command {command!r}\n{usage()}")
     target, _, extra = COMMANDS[command]
     module_name, _, function = target.partition(":")
+    if from_console:
+        _torch_first(extra)
     try:
         try:
             module = importlib.import_module(module_name)
@@ -80,6 +83,28 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def _torch_first(extra: str | None) -> None:
+    """Run a PyTorch command in a fresh interpreter that loads torch before ss_mlx.
+
+    `import ss_mlx` preloads OpenBLAS with RTLD_GLOBAL so that MLX binds to it; torch loaded
+    after that binds some of its BLAS calls to it too instead of its own MKL, and the two
+    thread pools fight: `ss-mlx train` ran 2.5x slower than `python -m ss_mlx_convert.train`
+    on 2 cores. Only from the console script (an in-process call must not replace its caller),
+    only where a BLAS was preloaded, and never twice (torch is then already imported).
+    """
+    import importlib.util
+
+    from . import _blas
+
+    if extra != TRAIN or _blas.BLAS_PATH is None or "torch" in sys.modules:
+        return
+    if importlib.util.find_spec("torch") is None:
+        return  # the import below fails with the usual "install ss-mlx[train]" line
+    sys.stdout.flush()
+    boot = "import torch\nfrom ss_mlx.cli import main\nmain()"
+    os.execv(sys.executable, [sys.executable, "-c", boot, *sys.argv[1:]])
 
 
 # mlx_lm.generate's CLI defaults (its API's max_tokens default, 256, is generation's)

@@ -284,3 +284,83 @@ def test_loss_on_hidden_rows_equals_loss_on_logits(model_type):
     torch.testing.assert_close(a, b)
     assert ma.keys() == mb.keys()
     assert all(ma[k] == pytest.approx(mb[k], rel=1e-5, abs=1e-6) for k in ma)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3"])
+def test_streams_of_sampled_positions_equal_those_of_every_position(model_type):
+    # Training on a sample of positions (--stream-positions) must compute the very streams the
+    # runtime computes at those positions, padding and early exit included.
+    model = full_model(model_type)
+    ids = torch.randint(4, 96, (2, 9))
+    attn = torch.ones_like(ids)
+    attn[1, 6:] = 0
+    anchors = torch.tensor([[0, 3, 8], [1, 2, 5]])
+    with torch.no_grad():
+        _, s_all, e_all = model(ids, attn, return_hidden=True)
+        _, s_at, e_at = model(ids, attn, return_hidden=True, anchors=anchors)
+    assert s_at.shape == (2, 3, model.num_streams, 64)
+    want = s_all.gather(1, anchors[:, :, None, None].expand(-1, -1, *s_all.shape[2:]))
+    torch.testing.assert_close(s_at, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(e_at, e_all.gather(1, anchors[:, :, None].expand(-1, -1, 64)))
+
+
+def test_loss_on_sampled_positions_scores_exactly_their_targets():
+    from ss_mlx_convert.loss import sample_anchors
+
+    model = full_model("llama")
+    L = 12
+    ids = torch.randint(4, 96, (2, L))
+    mask = torch.zeros_like(ids)
+    mask[0, 3:] = 1
+    mask[1, 5:10] = 1
+    anchors = sample_anchors(mask, 4, torch.Generator().manual_seed(3))
+    assert anchors.shape == (2, 4)
+    # Drawn positions are distinct and have a scored first-stream target (both rows have at
+    # least 4 such positions, so neither is filled).
+    for b in range(2):
+        real = [a for a in anchors[b].tolist() if a != L - 1]
+        assert len(set(real)) == len(real) == 4
+        assert all(mask[b, a + 2] == 1 for a in real)
+    with torch.no_grad():
+        _, streams, _ = model(ids, return_hidden=True)
+        _, s_at, e_at = model(ids, return_hidden=True, anchors=anchors)
+        _, m_at = ss_loss(None, s_at, ids, mask, exit_logits=e_at, head=model.lm_head,
+                          anchors=anchors)  # fmt: skip
+        for j in range(1, model.num_streams + 1):
+            # The full rows scored on the anchors' targets only give the same count and hits.
+            keep = torch.zeros_like(mask)
+            for b in range(2):
+                for a in anchors[b].tolist():
+                    if a + 1 + j < L:
+                        keep[b, a + 1 + j] = mask[b, a + 1 + j]
+            _, m_full = ss_loss(None, streams, ids, keep, head=model.lm_head)
+            assert m_at[f"stream{j}_n"] == m_full[f"stream{j}_n"] == float(keep.sum())
+            assert m_at[f"stream{j}_correct"] == m_full[f"stream{j}_correct"]
+            assert m_at[f"stream{j}_loss"] == pytest.approx(m_full[f"stream{j}_loss"], rel=1e-5)
+
+
+def test_sample_anchors_fills_short_rows_with_the_last_position():
+    from ss_mlx_convert.loss import sample_anchors
+
+    mask = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0]])
+    a = sample_anchors(mask, 3, torch.Generator().manual_seed(0))
+    assert a.tolist() == [[1, 2, 5], [5, 5, 5]]
+
+
+def test_stream_counts_top3_and_echo():
+    from ss_mlx_convert.loss import stream_counts
+
+    V = 8
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    mask = torch.tensor([[0, 1, 1, 1, 1]])
+    main = torch.zeros(1, 5, V)
+    streams = torch.zeros(1, 5, 1, V)
+    for i in range(5):
+        main[0, i, (i + 2) % V] = 5.0  # main's guess at i: ids[i + 1] (= i + 2)
+    # stream 1 (target ids[i + 2] = i + 3): i=0 echoes main (top-1 2, target 3 only 2nd);
+    # i=1 right; i=2 target 5 nowhere in its top 3.
+    streams[0, 0, 0, 2], streams[0, 0, 0, 3] = 5.0, 4.0
+    streams[0, 1, 0, 4] = 5.0
+    streams[0, 2, 0, 7], streams[0, 2, 0, 6], streams[0, 2, 0, 0] = 5.0, 4.0, 3.0
+    [(top3, echo, n)] = stream_counts(main, streams, ids, mask, head=lambda x: x)
+    assert (top3, echo, n) == (2, 1, 3)

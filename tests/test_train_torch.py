@@ -121,6 +121,8 @@ def test_train_30_steps(workdir, tmp_path, model_type, mode):
     assert config["ss_training"]["mode"] == mode
     ev = json.loads((out / "eval.json").read_text())
     assert {"main_acc", "stream1_acc", f"stream{G}_acc", "accepted_streams_mean"} <= set(ev)
+    assert all(ev[f"stream{j}_top3"] >= ev[f"stream{j}_acc"] for j in range(1, G + 1))
+    assert all(0.0 <= ev[f"stream{j}_echo"] <= 1.0 for j in range(1, G + 1))
 
     ids = torch.randint(4, 80, (2, 12))
     if mode == "medusa":
@@ -211,6 +213,33 @@ def test_hidden_cache_matches_uncached(workdir, tmp_path):
     la, lb = losses(tmp_path / "on"), losses(tmp_path / "off")
     assert la == pytest.approx(lb, rel=1e-4)
 
+
+
+def test_own_targets_and_sampled_positions_cached_match_uncached(workdir, tmp_path):
+    # --targets base: the labels are the frozen base's predictions, whether they come from the
+    # cache or from the forward; --stream-positions draws the same positions either way.
+    args = ["--max-steps", "12", "--save-every", "0", "--targets", "base",
+            "--stream-positions", "3"]  # fmt: skip
+    on = run_train(workdir, "llama", "lossless", tmp_path / "on", *args, "--cache-hidden", "on")
+    off = run_train(workdir, "llama", "lossless", tmp_path / "off", *args, "--cache-hidden", "off")
+    a, b = on.model.ss_state_dict(), off.model.ss_state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    assert losses(tmp_path / "on", "streams") == pytest.approx(
+        losses(tmp_path / "off", "streams"), rel=1e-4
+    )
+    # A random base does not predict the random training text: other labels, other losses.
+    run_train(workdir, "llama", "lossless", tmp_path / "text", "--max-steps", "12",
+              "--save-every", "0", "--stream-positions", "3")  # fmt: skip
+    assert losses(tmp_path / "text", "streams") != pytest.approx(
+        losses(tmp_path / "on", "streams"), rel=1e-3
+    )
+
+
+def test_own_targets_need_a_frozen_base(workdir, tmp_path):
+    with pytest.raises(SystemExit, match="frozen base"):
+        run_train(workdir, "llama", "shared", tmp_path / "o", "--max-steps", "1",
+                  "--targets", "base")  # fmt: skip
 
 # ---- data ------------------------------------------------------------------------------------
 

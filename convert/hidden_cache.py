@@ -4,21 +4,82 @@ With the base frozen, the hidden states that enter the stream layers (and the ma
 statistics) are the same every epoch: compute them once per example, then later epochs run only
 the trainable part. Right padding means the valid positions of an example do not depend on what
 it is batched with, so entries are stored unpadded, per example.
+
+With a `path`, a complete cache (every example filled) is written there once, as safetensors
+(no pickles) with its key in the metadata, and a later run with the same key (base weights,
+data file, sequence length, stream layers, dtype) starts from it: an ablation over gamma, rank,
+steps or data prefixes pays for the trunk pass once. The file is a few GB (4 bytes x Ns x D per
+token): keep it out of git.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ss_mlx.files import atomic_write
 
 from .loss import term_metrics
 from .modeling import BaseOutput, default_position_ids
 
 
 class FrozenBaseCache:
-    def __init__(self) -> None:
+    def __init__(self, path: str | Path | None = None, key: str = "") -> None:
         # example index -> (stream inputs (L_i, Ns, D), main nll (L_i-1,), main hit (L_i-1,),
         # the base's own next-token prediction at each position (L_i-1,))
         self._store: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.path = None if path is None else Path(path)
+        self.key = key
+        self.saved = False
+        if self.path is not None and self.path.is_file():
+            self.saved = self._load(self.path)
+
+    def save_if_complete(self, num_examples: int) -> bool:
+        """Write the cache to `path` once every example is in it; True when written now."""
+        if self.path is None or self.saved or len(self._store) < num_examples:
+            return False
+        order = sorted(self._store)
+        lengths = torch.tensor([self._store[i][0].shape[0] for i in order], dtype=torch.int64)
+        tensors = {
+            "index": torch.tensor(order, dtype=torch.int64),
+            "lengths": lengths,
+            "states": torch.cat([self._store[i][0] for i in order]).contiguous(),
+            **{
+                name: torch.cat([self._store[i][k] for i in order]).contiguous()
+                for k, name in ((1, "nll"), (2, "hit"), (3, "pred"))
+            },
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"key": self.key, "format": "ss-mlx frozen-base cache 1"}
+        atomic_write(self.path, lambda p: save_file(tensors, str(p), metadata=meta))
+        self.saved = True
+        return True
+
+    def _load(self, path: Path) -> bool:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("key") != self.key:
+                    print(f"{path}: trunk cache of other settings; recomputing it", file=sys.stderr)
+                    return False
+                t = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+        except Exception as e:  # a damaged file is only a lost speed-up
+            print(f"{path}: unreadable trunk cache ({e}); recomputing it", file=sys.stderr)
+            return False
+        a = b = 0  # offsets into the per-token (n) and per-target (n - 1) arrays
+        for i, n in zip(t["index"].tolist(), t["lengths"].tolist(), strict=True):
+            self._store[i] = (
+                t["states"][a : a + n],
+                t["nll"][b : b + n - 1],
+                t["hit"][b : b + n - 1],
+                t["pred"][b : b + n - 1],
+            )
+            a, b = a + n, b + n - 1
+        return True
 
     def __len__(self) -> int:
         return len(self._store)

@@ -7,6 +7,7 @@ rank 0 writes). Output layout: see save_model.py.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -131,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "on", "off"),
         default="auto",
         help="frozen base (lossless/medusa): compute its hidden states once per example",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="frozen base: keep its per-example trunk states in this folder (GBs; outside git) "
+        "once computed, so later runs on the same base, data and settings skip the trunk pass",
     )
     p.add_argument(
         "--targets",
@@ -348,6 +355,8 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
             window["loss_sum"] = window.get("loss_sum", 0.0) + metrics["loss"]
             window["batches"] = window.get("batches", 0.0) + 1
             tokens += int(batch["lengths"].sum())
+        if cache is not None and env.world == 1 and cache.save_if_complete(len(examples)):
+            print(f"trunk states saved to {cache.path}", file=sys.stderr)
         if args.max_grad_norm > 0:
             params = [p for p in core.parameters() if p.requires_grad]
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -417,6 +426,22 @@ def _batch_loss(
     return loss, metrics
 
 
+def _trunk_key(args: argparse.Namespace, core: nn.Module) -> str:
+    """What fixes the cached trunk states: base weights, data file, tokenization, layers."""
+    h = hashlib.sha256()
+    model_dir = Path(args.model).expanduser()
+    files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("tokenizer*.json"))
+    files.append(Path(args.data))
+    for f in files:
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    layers = args.stream_layers if isinstance(core, StreamingLM) else "final"
+    h.update(json.dumps([args.mode == "medusa", layers, args.max_seq_len, args.dtype,
+                         args.no_chat_template]).encode())  # fmt: skip
+    return h.hexdigest()
+
+
 @torch.no_grad()
 def _own_targets(core: nn.Module, main: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """(B, L) ids: position k+1 holds the frozen base's prediction at k (main (B, L, D) = LM-head
@@ -437,6 +462,13 @@ def _make_cache(
 ) -> FrozenBaseCache | None:
     if base_trainable or args.cache_hidden == "off":
         return None
+    if args.cache_dir is not None:
+        key = _trunk_key(args, core)
+        path = Path(args.cache_dir) / f"trunk-{key[:20]}.safetensors"
+        cache = FrozenBaseCache(path, key)
+        if cache.saved and env.is_main:
+            print(f"trunk states of {len(cache)} examples from {path}", file=sys.stderr)
+        return cache
     if args.cache_hidden == "auto":
         if total_steps * args.grad_accum <= micro_per_epoch:  # each example seen once at most
             return None

@@ -236,6 +236,28 @@ def test_own_targets_and_sampled_positions_cached_match_uncached(workdir, tmp_pa
     )
 
 
+def test_trunk_cache_on_disk_is_reused_and_survives_damage(workdir, tmp_path, capfd):
+    cache = tmp_path / "trunk"
+    args = ["--max-steps", "12", "--save-every", "0", "--cache-dir", str(cache)]
+    first = run_train(workdir, "llama", "lossless", tmp_path / "a", *args)
+    [saved] = list(cache.glob("trunk-*.safetensors"))
+    assert "trunk states saved" in capfd.readouterr().err
+    second = run_train(workdir, "llama", "lossless", tmp_path / "b", *args)
+    assert "trunk states of" in capfd.readouterr().err  # loaded, not recomputed
+    plain = run_train(workdir, "llama", "lossless", tmp_path / "c", "--max-steps", "12",
+                      "--save-every", "0", "--cache-hidden", "off")  # fmt: skip
+    for other in (second, plain):
+        for k, v in first.model.ss_state_dict().items():
+            torch.testing.assert_close(v, other.model.ss_state_dict()[k], atol=1e-5, rtol=1e-4)
+    # Other settings: another file; a damaged file: one warning, recomputed, same result.
+    run_train(workdir, "llama", "lossless", tmp_path / "d", *args, "--max-seq-len", "30")
+    assert len(list(cache.glob("trunk-*.safetensors"))) == 2
+    saved.write_bytes(saved.read_bytes()[:100])
+    third = run_train(workdir, "llama", "lossless", tmp_path / "e", *args)
+    assert "unreadable trunk cache" in capfd.readouterr().err
+    for k, v in first.model.ss_state_dict().items():
+        torch.testing.assert_close(v, third.model.ss_state_dict()[k], atol=1e-5, rtol=1e-4)
+
 def test_own_targets_need_a_frozen_base(workdir, tmp_path):
     with pytest.raises(SystemExit, match="frozen base"):
         run_train(workdir, "llama", "shared", tmp_path / "o", "--max-steps", "1",

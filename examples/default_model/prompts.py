@@ -3,8 +3,9 @@
 Training prompts (permissive licences only): wwdc25 train (MIT), WikiSQL train (BSD-3/MIT),
 E2E dev MRs (CC BY-SA 4.0). wwdc25 train holds 271 distinct prompts in 1,800 rows and
 `ss-mlx distill` answers each distinct prompt once: about 1,070 distinct prompts in all.
-Held out for evaluation, never trained on: Vicuna-bench (Apache-2.0)
-and wwdc25 valid. DialogSum is not used (non-commercial licence).
+Held out for evaluation, never trained on: Vicuna-bench (Apache-2.0),
+wwdc25 valid and IFEval (Apache-2.0; `prompts_eval48.jsonl` takes 16 of each of the three).
+DialogSum is not used (non-commercial licence).
 
     python examples/default_model/prompts.py --data ../shared/data --out work/default_model
 """
@@ -81,7 +82,21 @@ def main() -> None:
         data / "chat/wwdc25_valid.jsonl")) if t not in seen]
     write(train, out / "prompts_train.jsonl")
     write(heldout, out / "prompts_heldout.jsonl")
-    print(f"{len(train)} training prompts, {len(heldout)} held-out prompts -> {out}")
+    # The stream evaluation set: 16 prompts from each held-out source (open chat, Apple-dev
+    # chat, instruction following), fixed by seed 0 whatever --seed says.
+    ifeval = [json.loads(line)["prompt"] for line in
+              (data / "prompts/eval_ifeval.jsonl").read_text().splitlines() if line.strip()]
+    pick16 = random.Random(0)
+    eval48 = []
+    for rows in (
+        [r for r in heldout if r["source"] == "vicuna"],
+        [r for r in heldout if r["source"] == "wwdc25_valid"],
+        [{"prompt": t, "source": "ifeval"} for t in ifeval],
+    ):
+        eval48 += pick16.sample(rows, 16)
+    write(eval48, out / "prompts_eval48.jsonl")
+    print(f"{len(train)} training prompts, {len(heldout)} held-out prompts, "
+          f"{len(eval48)} stream-evaluation prompts -> {out}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -34,13 +34,19 @@ class FrozenBaseCache:
         self._store: dict[int, tuple[torch.Tensor, ...]] = {}
         self.path = None if path is None else Path(path)
         self.key = key
-        self.saved = False
-        if self.path is not None and self.path.is_file():
-            self.saved = self._load(self.path)
+        self._on_disk = 0  # examples in the file at `path`
+        if self.path is not None and self.path.is_file() and self._load(self.path):
+            self._on_disk = len(self._store)
+
+    @property
+    def saved(self) -> bool:
+        return self._on_disk > 0
 
     def save_if_complete(self, num_examples: int) -> bool:
-        """Write the cache to `path` once every example is in it; True when written now."""
-        if self.path is None or self.saved or len(self._store) < num_examples:
+        """Write the cache to `path` once every example of this run is in it and the file holds
+        fewer (a run on a prefix of the data, then one on all of it); True when written now."""
+        n = len(self._store)
+        if self.path is None or n < num_examples or n <= self._on_disk:
             return False
         order = sorted(self._store)
         lengths = torch.tensor([self._store[i][0].shape[0] for i in order], dtype=torch.int64)
@@ -56,7 +62,7 @@ class FrozenBaseCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"key": self.key, "format": "ss-mlx frozen-base cache 1"}
         atomic_write(self.path, lambda p: save_file(tensors, str(p), metadata=meta))
-        self.saved = True
+        self._on_disk = n
         return True
 
     def _load(self, path: Path) -> bool:

@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="frozen base (lossless/medusa): compute its hidden states once per example",
     )
     p.add_argument(
+        "--max-examples",
+        type=int,
+        default=None,
+        help="train on the first N rows of --data only (a data-size ablation that shares one "
+        "--cache-dir trunk cache with the full file)",
+    )
+    p.add_argument(
         "--cache-dir",
         default=None,
         help="frozen base: keep its per-example trunk states in this folder (GBs; outside git) "
@@ -274,6 +281,10 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     tokenizer = load_hf_tokenizer(args.model, "train")
     chat = not args.no_chat_template
     examples = _scored_only(load_examples(args.data, tokenizer, args.max_seq_len, chat), env)
+    if args.max_examples is not None:
+        if args.max_examples < 1:
+            raise SystemExit(f"--max-examples must be at least 1, got {args.max_examples}")
+        examples = examples[: args.max_examples]
     eval_examples = (
         load_examples(args.eval, tokenizer, args.max_seq_len, chat) if args.eval else None
     )

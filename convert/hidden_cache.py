@@ -5,11 +5,11 @@ statistics) are the same every epoch: compute them once per example, then later 
 the trainable part. Right padding means the valid positions of an example do not depend on what
 it is batched with, so entries are stored unpadded, per example.
 
-With a `path`, a complete cache (every example filled) is written there once, as safetensors
-(no pickles) with its key in the metadata, and a later run with the same key (base weights,
-data file, sequence length, stream layers, dtype) starts from it: an ablation over gamma, rank,
-steps or data prefixes pays for the trunk pass once. The file is a few GB (4 bytes x Ns x D per
-token): keep it out of git.
+With a `path`, the cache is written there once every example of the run is in it (again when
+a later run on more of the data grows it), as safetensors (no pickles) with its key in the
+metadata, and a later run with the same key (base weights, data file, sequence length, stream
+layers, dtype) starts from it: an ablation over gamma, rank, steps or data prefixes pays for the
+trunk pass once. The file is a few GB (4 bytes x Ns x D per token): keep it out of git.
 """
 
 from __future__ import annotations
@@ -73,18 +73,22 @@ class FrozenBaseCache:
                     print(f"{path}: trunk cache of other settings; recomputing it", file=sys.stderr)
                     return False
                 t = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+            store = {}
+            a = b = 0  # offsets into the per-token (n) and per-target (n - 1) arrays
+            for i, n in zip(t["index"].tolist(), t["lengths"].tolist(), strict=True):
+                store[i] = (
+                    t["states"][a : a + n],
+                    t["nll"][b : b + n - 1],
+                    t["hit"][b : b + n - 1],
+                    t["pred"][b : b + n - 1],
+                )
+                a, b = a + n, b + n - 1
+            if a != t["states"].shape[0] or b != t["pred"].shape[0]:
+                raise ValueError("lengths do not add up")
         except Exception as e:  # a damaged file is only a lost speed-up
             print(f"{path}: unreadable trunk cache ({e}); recomputing it", file=sys.stderr)
             return False
-        a = b = 0  # offsets into the per-token (n) and per-target (n - 1) arrays
-        for i, n in zip(t["index"].tolist(), t["lengths"].tolist(), strict=True):
-            self._store[i] = (
-                t["states"][a : a + n],
-                t["nll"][b : b + n - 1],
-                t["hit"][b : b + n - 1],
-                t["pred"][b : b + n - 1],
-            )
-            a, b = a + n, b + n - 1
+        self._store.update(store)
         return True
 
     def __len__(self) -> int:

@@ -295,6 +295,8 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     core, peft_model = build_model(args, base)
     core.to(env.device)
     base_trainable = any(p.requires_grad for p in core.base.parameters())
+    if args.stream_positions < 0:
+        raise SystemExit(f"--stream-positions must be 0 (all) or more, got {args.stream_positions}")
     if args.targets == "base" and base_trainable:
         raise SystemExit("--targets base needs a frozen base (--mode lossless or medusa)")
     # Dropout only matters for LoRA; a frozen base must compute exactly what it does at inference.
@@ -458,7 +460,11 @@ def _own_targets(core: nn.Module, main: torch.Tensor, ids: torch.Tensor) -> torc
     """(B, L) ids: position k+1 holds the frozen base's prediction at k (main (B, L, D) = LM-head
     inputs), position 0 the input id; the labels FrozenBaseCache.lookup returns too."""
     own = ids.clone()
-    own[:, 1:] = core.lm_head(main[:, :-1]).argmax(-1)
+    B, L, D = main.shape
+    flat = main[:, :-1].reshape(-1, D)  # (B * (L-1), D)
+    # In row chunks: (B, L, V) logits are 0.8 GB at 4 x 1024 positions and a 49K vocabulary.
+    pred = torch.cat([core.lm_head(flat[k : k + 512]).argmax(-1) for k in range(0, len(flat), 512)])
+    own[:, 1:] = pred.view(B, L - 1)
     return own
 
 
@@ -560,6 +566,8 @@ def evaluate(
         names.append("exit")
     sums = {f"{n}_{s}": 0.0 for n in names for s in ("n", "correct", "loss_sum")}
     sums.update(chain_sum=0.0, chain_n=0.0)
+    # Every rank has every key, batches or not, so all_reduce_sums lines up.
+    sums.update({f"x{j}_{key}": 0.0 for j in range(1, G + 1) for key in ("top3", "echo", "n")})
     mine = list(range(env.rank, len(examples), env.world))
     device = next(core.parameters()).device
     for i in range(0, len(mine), batch_size):
@@ -576,16 +584,16 @@ def evaluate(
         counts = stream_counts(main, streams, ids, mask, core.lm_head)
         for j, (top3, echo, n) in enumerate(counts, 1):
             for key, value in (("top3", top3), ("echo", echo), ("n", n)):
-                sums[f"x{j}_{key}"] = sums.get(f"x{j}_{key}", 0.0) + value
+                sums[f"x{j}_{key}"] += value
     sums = all_reduce_sums(env, sums)
     core.train(was_training)
     out = aggregate_metrics({k: v for k, v in sums.items() if not k.startswith(("chain_", "x"))})
     n = sums["chain_n"]
     out["accepted_streams_mean"] = sums["chain_sum"] / n if n else float("nan")
     for j in range(1, G + 1):  # top-3 accuracy and echo share (see loss.stream_counts)
-        n = sums.get(f"x{j}_n", 0.0)
+        n = sums[f"x{j}_n"]
         for key in ("top3", "echo"):
-            out[f"stream{j}_{key}"] = sums.get(f"x{j}_{key}", 0.0) / n if n else float("nan")
+            out[f"stream{j}_{key}"] = sums[f"x{j}_{key}"] / n if n else float("nan")
     return out
 
 

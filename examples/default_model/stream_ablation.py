@@ -9,7 +9,10 @@ evaluated on the 48 held-out distilled answers (16 Vicuna-bench, 16 wwdc25 valid
 MAX_CONVERSATIONS usable conversations, and share one trunk cache (`--cache-dir`): the trunk pass
 (~220 tokens/s on 2 cores) is paid once for the largest size, and each point after it costs only
 its stream layers. Every stage resumes: a finished point is skipped (its result is committed),
-an interrupted run continues from its checkpoint.
+an interrupted run continues from its checkpoint. A point that outlasts one job (a session here
+ends after three hours and takes work/ with it): `--stash` copies each unfinished point's newest
+checkpoint (stream parameters + optimizer state, ~16 MB) to `data/streams/ablation/<point>/`, to
+commit; the next run restores it and resumes there.
 
 Results: `benchmarks/results/<machine>/stream_ablation/<point>.json` (eval metrics, scored
 tokens, wall time, the exact command), and `stream_ablation.{md,json,png}` beside them.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -31,6 +35,8 @@ from example_report import RESULTS, machine_slug  # noqa: E402
 from ss_mlx.files import savefig, write_json, write_text  # noqa: E402
 
 W = ROOT / "work" / "default_model"
+RUNS = ROOT / "work" / "ablation"
+STASH = ROOT / "data" / "streams" / "ablation"
 MAX_CONVERSATIONS = 4200  # ~2M scored tokens at 512 tokens per sequence
 SEQ = 512
 BASE_ARGS = {"streams": 4, "stream-layers": 4, "adapter-rank": 8}
@@ -59,7 +65,8 @@ def scored_tokens(data: Path, n: int, base: str) -> int:
 def run_point(name: str, base: str, data: Path, evalset: Path, out: Path) -> dict:
     n, overrides = POINTS[name]
     settings = {**BASE_ARGS, **overrides}
-    run = ROOT / "work" / "ablation" / name
+    run = RUNS / name
+    restore(name)
     steps = max(20, 2 * n // 4)  # two epochs at batch 4
     cmd = ["ss-mlx", "train", "--model", base, "--data", str(data), "--eval", str(evalset),
            "--mode", "lossless", *(x for k, v in settings.items() for x in (f"--{k}", str(v))),
@@ -84,7 +91,43 @@ def run_point(name: str, base: str, data: Path, evalset: Path, out: Path) -> dic
         "eval": metrics,
     }
     write_json(out / f"{name}.json", record)
+    shutil.rmtree(STASH / name, ignore_errors=True)  # finished: its result is what is kept
     return record
+
+
+def _newest(root: Path) -> Path | None:
+    steps = sorted(root.glob("step-*"), key=lambda p: p.name) if root.is_dir() else []
+    return steps[-1] if steps else None
+
+
+def stash(name: str) -> Path | None:
+    """Copy the point's newest checkpoint to STASH/<name> (replacing the stashed one); None when
+    it has none or the stash is already that step."""
+    ckpt = _newest(RUNS / name / "checkpoints")
+    if ckpt is None:
+        return None
+    dest = STASH / name / ckpt.name
+    if dest.is_dir():
+        return None
+    tmp = STASH / name / f".{ckpt.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ckpt, tmp)
+    for old in (STASH / name).glob("step-*"):
+        shutil.rmtree(old)
+    tmp.rename(dest)
+    return dest
+
+
+def restore(name: str) -> None:
+    """Put the stashed checkpoint back under the run when the run has none as new."""
+    stashed = _newest(STASH / name)
+    if stashed is None:
+        return
+    have = _newest(RUNS / name / "checkpoints")
+    if have is None or have.name < stashed.name:
+        (RUNS / name / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copytree(stashed, RUNS / name / "checkpoints" / stashed.name, dirs_exist_ok=True)
+        print(f"{name}: resuming from the stashed {stashed.name}", flush=True)
 
 
 def report(records: list[dict], out: Path) -> None:
@@ -133,6 +176,11 @@ def main() -> None:
     p.add_argument("--points", default=",".join(POINTS), help="comma-separated point names")
     p.add_argument("--list", action="store_true", help="list the points and exit")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument(
+        "--stash",
+        action="store_true",
+        help="copy unfinished points' newest checkpoints to data/streams/ablation and exit",
+    )
     args = p.parse_args()
     if args.list:
         for name, (n, over) in POINTS.items():
@@ -143,6 +191,11 @@ def main() -> None:
     if bad:
         raise SystemExit(f"error: unknown points {bad}; --list shows them")
     out = args.out or RESULTS / machine_slug() / "stream_ablation"
+    if args.stash:
+        for name in names:
+            if not (out / f"{name}.json").is_file() and (dest := stash(name)) is not None:
+                print(f"{name}: stashed {dest.relative_to(ROOT)}")
+        return
     out.mkdir(parents=True, exist_ok=True)
     base = subprocess.run(["ss-mlx", "models", "path", "default", "--quiet"], check=True,
                           capture_output=True, text=True).stdout.strip()  # fmt: skip

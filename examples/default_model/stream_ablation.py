@@ -79,7 +79,8 @@ def run_point(name: str, base: str, data: Path, evalset: Path, out: Path) -> dic
         cmd.append("--resume")
     t0 = time.time()
     subprocess.run(cmd, check=True)
-    metrics = json.loads((run / "eval.json").read_text())
+    # Paths in the record relative to the checkout: it is committed.
+    metrics = json.loads((run / "eval.json").read_text().replace(f"{ROOT}/", ""))
     record = {
         "point": name,
         "conversations": n,
@@ -87,7 +88,7 @@ def run_point(name: str, base: str, data: Path, evalset: Path, out: Path) -> dic
         "settings": settings,
         "steps": steps,
         "wall_s": round(time.time() - t0, 1),
-        "command": " ".join(cmd[:2] + ["..."] + cmd[4:]),
+        "command": " ".join(cmd[:2] + ["..."] + cmd[4:]).replace(f"{ROOT}/", ""),
         "eval": metrics,
     }
     write_json(out / f"{name}.json", record)

@@ -97,8 +97,16 @@ def run_point(name: str, base: str, data: Path, evalset: Path, out: Path) -> dic
 
 
 def _newest(root: Path) -> Path | None:
-    steps = sorted(root.glob("step-*"), key=lambda p: p.name) if root.is_dir() else []
+    """The trainer's newest complete checkpoint under root (its own listing: a half-copied
+    step without its state file does not count)."""
+    from ss_mlx_convert.train_state import list_checkpoints
+
+    steps = list_checkpoints(root)
     return steps[-1] if steps else None
+
+
+def _step(ckpt: Path) -> int:
+    return int(ckpt.name.removeprefix("step-"))
 
 
 def stash(name: str) -> Path | None:
@@ -125,7 +133,7 @@ def restore(name: str) -> None:
     if stashed is None:
         return
     have = _newest(RUNS / name / "checkpoints")
-    if have is None or have.name < stashed.name:
+    if have is None or _step(have) < _step(stashed):
         (RUNS / name / "checkpoints").mkdir(parents=True, exist_ok=True)
         shutil.copytree(stashed, RUNS / name / "checkpoints" / stashed.name, dirs_exist_ok=True)
         print(f"{name}: resuming from the stashed {stashed.name}", flush=True)

@@ -9,7 +9,10 @@ With a `path`, the cache is written there once every example of the run is in it
 a later run on more of the data grows it), as safetensors (no pickles) with its key in the
 metadata, and a later run with the same key (base weights, data file, sequence length, stream
 layers, dtype) starts from it: an ablation over gamma, rank, steps or data prefixes pays for the
-trunk pass once. The file is a few GB (4 bytes x Ns x D per token): keep it out of git.
+trunk pass once. Only the state entering the first stream layer is kept (4 bytes x D per
+token; the inputs of the other stream layers are recomputed from it by the base's own layers,
+Ns - 1 of N layers, at each lookup): 2.3 KB a token for SmolLM2, 1 GB per ~450K tokens. Keep
+the file out of git.
 """
 
 from __future__ import annotations
@@ -26,11 +29,14 @@ from ss_mlx.files import atomic_write
 from .loss import term_metrics
 from .modeling import BaseOutput, default_position_ids
 
+# 2: one layer's input per token (1 stored all Ns stream layers' inputs).
+FORMAT = "ss-mlx frozen-base cache 2"
+
 
 class FrozenBaseCache:
     def __init__(self, path: str | Path | None = None, key: str = "") -> None:
-        # example index -> (stream inputs (L_i, Ns, D), main nll (L_i-1,), main hit (L_i-1,),
-        # the base's own next-token prediction at each position (L_i-1,))
+        # example index -> (first stream layer's input (L_i, D), main nll (L_i-1,), main hit
+        # (L_i-1,), the base's own next-token prediction at each position (L_i-1,))
         self._store: dict[int, tuple[torch.Tensor, ...]] = {}
         self.path = None if path is None else Path(path)
         self.key = key
@@ -60,7 +66,7 @@ class FrozenBaseCache:
             },
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"key": self.key, "format": "ss-mlx frozen-base cache 1"}
+        meta = {"key": self.key, "format": FORMAT}
         atomic_write(self.path, lambda p: save_file(tensors, str(p), metadata=meta))
         self._on_disk = n
         return True
@@ -69,7 +75,7 @@ class FrozenBaseCache:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                if meta.get("key") != self.key:
+                if meta.get("key") != self.key or meta.get("format") != FORMAT:
                     print(f"{path}: trunk cache of other settings; recomputing it", file=sys.stderr)
                     return False
                 t = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
@@ -100,13 +106,14 @@ class FrozenBaseCache:
     @torch.no_grad()
     def _fill(self, core: torch.nn.Module, batch: dict[str, torch.Tensor], idx: list[int]) -> None:
         out = core.base_forward(batch["input_ids"], batch["attention_mask"])
-        stacked = torch.stack(out.stream_inputs, dim=2)  # (B, L, Ns, D)
+        first = out.stream_inputs[0]  # (B, L, D)
         for b, i in enumerate(idx):
             n = int(batch["lengths"][b])
             nll, hit, pred = _main_stats(
                 core, out.main_hidden[b, : n - 1], batch["input_ids"][b, 1:n]
             )
-            self._store[i] = (stacked[b, :n].clone(), nll, hit, pred)
+            # float(): under bf16 autocast the states come out bf16; the cache keeps fp32.
+            self._store[i] = (first[b, :n].float().clone(), nll, hit, pred)
 
     def lookup(
         self, core: torch.nn.Module, batch: dict[str, torch.Tensor], idx: list[int]
@@ -122,7 +129,7 @@ class FrozenBaseCache:
             self._fill(core, sub, [idx[b] for b in missing])
         B, L = batch["input_ids"].shape
         first = self._store[idx[0]][0]
-        states = first.new_zeros(B, L, *first.shape[1:])  # (B, L, Ns, D); padding rows stay 0
+        states = first.new_zeros(B, L, first.shape[1])  # (B, L, D); padding rows stay 0
         nll = torch.zeros(B, L - 1)
         hit = torch.zeros(B, L - 1, dtype=torch.bool)
         own = batch["input_ids"].clone().cpu()
@@ -137,7 +144,7 @@ class FrozenBaseCache:
         loss = float(nll[mask].mean()) if n else 0.0
         metrics = term_metrics("main", loss, n, int(hit[mask].sum()))
         position_ids = default_position_ids(batch["input_ids"], batch["attention_mask"])
-        inputs = tuple(states[:, :, k] for k in range(states.shape[2]))
+        inputs = core.main_layer_inputs(states, position_ids)  # Ns x (B, L, D)
         return BaseOutput(None, inputs, position_ids), metrics, own.to(batch["input_ids"].device)
 
 

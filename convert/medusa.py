@@ -83,6 +83,10 @@ class MedusaLM(nn.Module):
         h = out.last_hidden_state  # (B, L, D), after the final norm
         return BaseOutput(h, (h,), position_ids)
 
+    def main_layer_inputs(self, h: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor]:
+        """What the heads read, from what a trunk cache stores: the final state itself."""
+        return (h,)
+
     def forward(
         self,
         input_ids: torch.Tensor,

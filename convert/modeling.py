@@ -169,6 +169,36 @@ class StreamingLM(nn.Module):
             hs[self.num_layers], tuple(hs[self.first_stream_layer : self.num_layers]), position_ids
         )
 
+    @torch.no_grad()
+    def main_layer_inputs(
+        self, h: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """The main hidden states entering layers s..N-1 (Ns x (B,L,D)) from the one entering
+        layer s (B,L,D), by running the frozen base's own layers s..N-2 again.
+
+        A trunk cache then stores one layer's input instead of Ns (Ns times smaller). Only the
+        causal mask is applied: with right padding a real token never sees a padding row, and
+        padding rows' states are never read as keys (the stream attention masks them).
+        """
+        hf = self.hf()
+        L = h.shape[1]
+        position_embeddings = hf.model.rotary_emb(h, position_ids)
+        # Additive (1, 1, L, L): what both the eager and the SDPA attention of HF layers take.
+        future = torch.ones(L, L, dtype=torch.bool, device=h.device).triu(1)
+        mask = torch.zeros(L, L, dtype=h.dtype, device=h.device)
+        mask = mask.masked_fill(future, torch.finfo(h.dtype).min)[None, None]
+        out = [h]
+        for layer in self._layers()[self.first_stream_layer : self.num_layers - 1]:
+            h = layer(
+                h,
+                attention_mask=mask,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+            )
+            h = h[0] if isinstance(h, tuple) else h
+            out.append(h)
+        return tuple(out)
+
     def forward(
         self,
         input_ids: torch.Tensor,

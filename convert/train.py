@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument(
+        "--autocast",
+        choices=("off", "bfloat16"),
+        default="off",
+        help="bf16 mixed precision for the training forward (fast on CPUs with AMX/AVX-512 "
+        "BF16; the frozen base's labels can then differ at near-ties)",
+    )
+    p.add_argument(
         "--cache-hidden",
         choices=("auto", "on", "off"),
         default="auto",
@@ -327,6 +334,13 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
         alpha0=args.alpha0, alpha_streams=args.alpha_streams, exit_weight=args.exit_weight
     )
     own_targets = args.targets == "base"
+    # Mixed precision for the training passes only (parameters, optimizer and eval stay fp32):
+    # on a CPU with AMX or AVX-512 BF16 the frozen trunk runs ~3x faster; elsewhere slower.
+    autocast = (
+        torch.autocast(env.device.type, dtype=torch.bfloat16)
+        if args.autocast == "bfloat16"
+        else nullcontext()
+    )
 
     epoch_cache: dict[int, list[list[int]]] = {}
 
@@ -360,9 +374,10 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
                 anchors = sample_anchors(batch["loss_mask"], args.stream_positions, g)
             sync = k == args.grad_accum - 1 or not env.distributed
             with nullcontext() if sync else model.no_sync():
-                loss, metrics = _batch_loss(
-                    model, core, batch, idx, cache, loss_kw, own_targets, anchors
-                )
+                with autocast:
+                    loss, metrics = _batch_loss(
+                        model, core, batch, idx, cache, loss_kw, own_targets, anchors
+                    )
                 (loss / args.grad_accum).backward()
             accumulate(window, metrics)
             window["loss_sum"] = window.get("loss_sum", 0.0) + metrics["loss"]
@@ -452,6 +467,8 @@ def _trunk_key(args: argparse.Namespace, core: nn.Module) -> str:
     layers = args.stream_layers if isinstance(core, StreamingLM) else "final"
     h.update(json.dumps([args.mode == "medusa", layers, args.max_seq_len, args.dtype,
                          args.no_chat_template]).encode())  # fmt: skip
+    if args.autocast != "off":  # (keys of fp32 runs stay what they were)
+        h.update(args.autocast.encode())
     return h.hexdigest()
 
 
@@ -490,8 +507,7 @@ def _make_cache(
         if total_steps * args.grad_accum <= micro_per_epoch:  # each example seen once at most
             return None
         hf = hf_causal_lm(core.base)
-        layers = args.stream_layers if isinstance(core, StreamingLM) else 1
-        per_token = layers * hf.config.hidden_size * DTYPES[args.dtype].itemsize
+        per_token = hf.config.hidden_size * 4  # one layer's input per token, fp32
         need = sum(len(e.input_ids) for e in examples) * per_token
         if need > AUTO_CACHE_BYTES:
             if env.is_main:

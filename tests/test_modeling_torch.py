@@ -117,6 +117,25 @@ def test_all_layers_carry_streams(model_type):
     torch.testing.assert_close(streams, ref, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_main_layer_inputs_recompute_the_base_states_from_the_first(model_type):
+    # What a trunk cache stores (one layer's input) must give back every stream layer's input,
+    # for the real tokens of a right-padded batch.
+    model = StreamingLM(tiny_base(model_type), ss_block(G=2, Ns=3))
+    ids = torch.randint(4, 96, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        out = model.base_forward(ids, mask)
+        again = model.main_layer_inputs(out.stream_inputs[0], out.position_ids)
+    assert len(again) == len(out.stream_inputs) == 3
+    for got, want in zip(again, out.stream_inputs, strict=True):
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1, :5], want[1, :5], atol=1e-5, rtol=1e-5)
+    # Not vacuous: the layers above the first do change the states.
+    assert not torch.allclose(again[2], again[0], atol=1e-2)
+
+
 def full_model(model_type="llama", seed=0):
     modules = ALLOWED_MODULES[model_type]
     model = StreamingLM(

@@ -236,6 +236,30 @@ def test_own_targets_and_sampled_positions_cached_match_uncached(workdir, tmp_pa
     )
 
 
+def test_bf16_autocast_trains_close_to_fp32_with_or_without_the_cache(workdir, tmp_path):
+    args = ["--max-steps", "12", "--save-every", "0", "--targets", "base"]
+    fp32 = run_train(workdir, "llama", "lossless", tmp_path / "f", *args)
+    on = run_train(workdir, "llama", "lossless", tmp_path / "on", *args, "--autocast",
+                   "bfloat16", "--cache-dir", str(tmp_path / "trunk"))  # fmt: skip
+    off = run_train(workdir, "llama", "lossless", tmp_path / "off", *args, "--autocast",
+                    "bfloat16", "--cache-hidden", "off")  # fmt: skip
+    # The cache of a bf16 run is its own file (other states than fp32's).
+    assert len(list((tmp_path / "trunk").glob("trunk-*.safetensors"))) == 1
+    a, b, c = (r.model.ss_state_dict() for r in (fp32, on, off))
+    assert all(v.dtype == torch.float32 for v in b.values())  # parameters stay fp32
+    moved = 0.0
+    for k in a:
+        # Adam's first steps amplify rounding element-wise: compare whole tensors.
+        scale = float(a[k].norm()) + 1e-6
+        assert float((b[k] - c[k]).norm()) < 0.05 * scale, k
+        assert float((b[k] - a[k]).norm()) < 0.05 * scale, k
+        moved = max(moved, float((b[k] - a[k]).abs().max()))
+    assert moved > 1e-6  # bf16 really ran: not bit-identical to fp32
+    assert losses(tmp_path / "on", "streams") == pytest.approx(
+        losses(tmp_path / "f", "streams"), rel=5e-2
+    )
+
+
 def test_trunk_cache_on_disk_is_reused_and_survives_damage(workdir, tmp_path, capfd):
     cache = tmp_path / "trunk"
     args = ["--max-steps", "12", "--save-every", "0", "--cache-dir", str(cache)]

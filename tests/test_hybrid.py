@@ -12,7 +12,7 @@ import ss_mlx  # noqa: F401  (OpenBLAS before mlx.core)
 from ss_mlx.decode.loop import decode
 from ss_mlx.decode.sampling import SamplerConfig
 from ss_mlx.decode.verify import AcceptRule
-from ss_mlx.drafters.hybrid import HybridConfig, HybridDrafter
+from ss_mlx.drafters.hybrid import HybridConfig, HybridDrafter, HybridStats, match_bucket
 from ss_mlx.generation import ss_generate_step
 from ss_mlx.tuned import DEFAULT_ROW_COST
 
@@ -120,3 +120,32 @@ def test_bad_config():
         HybridConfig(max_nodes=0)
     with pytest.raises(ValueError, match="max_nodes"):
         HybridConfig(max_nodes=10_000)
+
+
+class FixedMatch(HybridDrafter):
+    """One context match of a set length, always proposing the same six tokens."""
+
+    length = 1
+
+    def context_matches(self, history):
+        return [(self.length, [1, 2, 3, 4, 5, 6])]
+
+
+def test_lookup_confidence_rises_with_the_match_length_and_learns_per_length():
+    assert [match_bucket(n) for n in (1, 2, 3, 4, 7, 8, 15, 16, 32)] == [0, 1, 2, 3, 3, 4, 4, 5, 5]
+    model = tiny_ss_model("llama", seed=3)
+    stats = HybridStats(model.num_streams, lookup_depth=8)
+    priors = [r.value for r in stats.lookup_first]
+    assert priors == sorted(priors) and priors[0] < priors[-1] <= 0.9
+    drafter = FixedMatch(model, config=HybridConfig(explore_every=0), stats=stats,
+                         cost_curve=DEFAULT_ROW_COST)
+    drafter.length = 16  # a copied span: worth a deep chain
+    assert drafter.first_draft([0, 1, 2]).tree.num_nodes >= 4
+    # Chance 1-gram matches that keep failing lose confidence: a root-only pass, while the
+    # long matches, counted apart, keep theirs.
+    for _ in range(40):
+        stats.lookup_first[0].add(0.0)
+    drafter.length = 1
+    assert drafter.first_draft([0, 1, 2]).tree.num_nodes == 1
+    drafter.length = 20
+    assert drafter.first_draft([0, 1, 2]).tree.num_nodes >= 4

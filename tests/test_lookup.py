@@ -9,6 +9,7 @@ from mlx_lm.generate import generate_step
 import ss_mlx  # noqa: F401  (OpenBLAS before mlx.core)
 from ss_mlx.decode.cache import make_cache
 from ss_mlx.drafters.lookup import (
+    MATCH_CAP,
     LookupConfig,
     NgramIndex,
     TreeCache,
@@ -38,6 +39,21 @@ def test_ngram_index_prefers_long_and_recent_matches():
     idx.extend([7])
     # (2, 3, 7) occurred once: its continuation is preferred over shorter-n matches.
     assert idx.continuations(2, 2)[0] == [5, 2]
+
+
+def test_ngram_index_reports_how_far_the_match_reaches_back():
+    idx = NgramIndex(1, 2)
+    # The suffix (4, 5) matched as a 2-gram, but the five tokens before the 9 all agree.
+    idx.extend([1, 2, 3, 4, 5, 9, 7, 1, 2, 3, 4, 5])
+    assert idx.matches(2, 1) == [(5, [9, 7])]
+    # A chance 1-gram match reaches back one token only.
+    idx = NgramIndex(1, 2)
+    idx.extend([8, 5, 9, 6, 5])
+    assert idx.matches(1, 1) == [(1, [9])]
+    # Counted up to MATCH_CAP.
+    idx = NgramIndex(1, 2)
+    idx.extend(list(range(50)) + [99] + list(range(50)))
+    assert idx.matches(1, 1) == [(MATCH_CAP, [99])]
 
 
 def test_ngram_index_excludes_the_suffix_itself_and_dedupes():

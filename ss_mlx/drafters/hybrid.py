@@ -8,8 +8,11 @@ sources) and every node gets an estimated probability of being accepted:
 * a stream node at depth d with stream probability q: ``q * cal_d`` per level along its path,
   where ``cal_d`` is stream d's calibration (hits / predicted probability mass of the stream
   nodes verified so far in this generation, from a prior);
-* a lookup node at depth d: the rate at which lookup drafts at depth d were accepted given
-  their parent was (counted in this generation, from a prior), along its path.
+* a lookup node: along its path, at depth 1 the rate at which first lookup tokens were
+  accepted after a context match of that length (1, 2, 3, 4-7, 8-15, 16+ tokens agreeing: a
+  long match means a span is being copied), at depth d > 1 the rate at which lookup drafts at
+  depth d were accepted given their parent was (both counted as the model generates, from a
+  prior).
 
 Then the nodes of the next pass and the number of streams it computes are chosen to maximise
 expected tokens per unit of cost, ``(1 + sum of the chosen nodes' probabilities + expected
@@ -34,6 +37,15 @@ from .lookup import NgramIndex
 
 STREAMS, LOOKUP = "streams", "lookup"
 MIN_GAIN = 1.05  # expected tokens per unit cost a tree must reach to beat a root-only pass
+# Lookup match lengths are pooled into buckets 1, 2, 3, 4-7, 8-15, 16+ (each its own rate);
+# the priors, relative to lookup_prior[0], rise with the length.
+MATCH_BUCKETS = (1, 2, 3, 4, 8, 16)
+MATCH_PRIOR = (0.5, 1.0, 1.6, 2.0, 2.4, 2.8)
+
+
+def match_bucket(length: int) -> int:
+    """The index of the bucket a context match of this many tokens falls in."""
+    return max(i for i, lo in enumerate(MATCH_BUCKETS) if length >= lo or i == 0)
 
 
 @dataclass(frozen=True)
@@ -53,7 +65,7 @@ class HybridConfig:
     max_nodes: int = 16
     stream_width: int = 4
     max_stream_depth: int | None = None
-    lookup_depth: int = 6
+    lookup_depth: int = 8
     lookup_candidates: int = 3
     min_ngram: int = 1
     max_ngram: int = 4
@@ -90,8 +102,8 @@ class HybridStats:
     stream_cal[d]: stream d's calibration, accepted / predicted probability mass (1 =
     calibrated); stream_top1[d]: how often its top token is right when streams < d were (what
     computing d streams adds to the next tree); lookup_first[k]: P(a lookup draft's first token
-    is right) after an n-gram match of length 1, 2, 3+; lookup_rate[d]: P(depth d right | depth
-    d - 1 right).
+    is right) after a match of length bucket k (`match_bucket`); lookup_rate[d]: P(depth d
+    right | depth d - 1 right).
     """
 
     def __init__(self, num_streams: int, lookup_depth: int,
@@ -100,7 +112,7 @@ class HybridStats:
         prior = stream_prior or (0.4, 0.5, 0.6)
         self.stream_cal = [Rate(1.0) for _ in range(num_streams)]
         self.stream_top1 = [Rate(prior[min(d, len(prior) - 1)]) for d in range(num_streams)]
-        self.lookup_first = [Rate(lookup_prior[0] * f) for f in (0.5, 1.0, 1.6)]
+        self.lookup_first = [Rate(min(0.9, lookup_prior[0] * f)) for f in MATCH_PRIOR]
         self.lookup_rate = [Rate(lookup_prior[min(d, len(lookup_prior) - 1)])
                             for d in range(lookup_depth)]
 
@@ -115,7 +127,7 @@ class _Node:
         self.sources: set[str] = set()
         self.stream_q = 0.0  # the stream's own probability of this token (stream nodes)
         self.stream_rank = -1  # its rank in that stream (0 = the stream's top token)
-        self.ngram = 0  # the longest n-gram match that proposed it (lookup nodes)
+        self.ngram = 0  # the longest context match that proposed it (lookup nodes)
         self.children: dict[int, _Node] = {}
 
 
@@ -220,7 +232,7 @@ class HybridDrafter:
             if STREAMS in node.sources and d < len(self.stream_cal):
                 self.stream_cal[d].add(float(hit), node.stream_q)
             if LOOKUP in node.sources:
-                rate = self.lookup_rate[d] if d else self.lookup_first[min(node.ngram, 3) - 1]
+                rate = self.lookup_rate[d] if d else self.lookup_first[match_bucket(node.ngram)]
                 rate.add(float(hit))
 
     # -- choosing the next tree
@@ -240,8 +252,9 @@ class HybridDrafter:
         return self._as_draft(chosen)
 
     def context_matches(self, history: list[int]) -> list[tuple[int, list[int]]]:
-        """Continuations of the context, each with the n-gram length it matched (a subclass may
-        draw them from elsewhere: an index over earlier outputs, an oracle in tests)."""
+        """Continuations of the context, each with its match length (`NgramIndex.matches`; a
+        subclass may draw them from elsewhere: an index over earlier outputs, an oracle in
+        tests)."""
         self.index.extend(history[len(self.index.tokens) :])
         if not self.config.lookup_candidates:
             return []
@@ -271,7 +284,7 @@ class HybridDrafter:
     def _add_chain(self, root: _Node, tokens: list[int], ngram: int) -> None:
         node, p = root, 1.0
         for d, tok in enumerate(tokens):
-            p *= self.lookup_rate[d].value if d else self.lookup_first[min(ngram, 3) - 1].value
+            p *= self.lookup_rate[d].value if d else self.lookup_first[match_bucket(ngram)].value
             child = node.children.get(tok)
             if child is None:
                 child = node.children[tok] = _Node(tok, d + 1, node)

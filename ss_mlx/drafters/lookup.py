@@ -20,6 +20,7 @@ from ..decode.verify import AcceptRule, Draft
 from ..model.ss_model import plain_tree_forward
 
 DEFAULT_MAX_TOKENS = 256
+MATCH_CAP = 32  # match lengths are counted up to this many tokens
 
 
 class TreeCache:
@@ -103,7 +104,10 @@ class NgramIndex:
         return [cont for _, cont in self.matches(depth, limit)]
 
     def matches(self, depth: int, limit: int) -> list[tuple[int, list[int]]]:
-        """`continuations`, each with the length n of the n-gram it matched."""
+        """`continuations`, each with its match length: how many tokens before it agree with
+        the current suffix (at least the n-gram's n, counted up to MATCH_CAP). A long match is
+        the sign of a span being copied (a quoted passage, a repeated list, code), where the
+        continuation is far more often right than after a chance 1-gram."""
         L = len(self.tokens)
         found: list[tuple[int, list[int]]] = []
         seen: set[tuple[int, ...]] = set()
@@ -114,10 +118,18 @@ class NgramIndex:
                 cont = tuple(self.tokens[end : end + depth])
                 if cont and cont not in seen:
                     seen.add(cont)
-                    found.append((n, list(cont)))
+                    found.append((self._match_length(end, n), list(cont)))
                     if len(found) == limit:
                         return found
         return found
+
+    def _match_length(self, end: int, n: int) -> int:
+        """Length of the common suffix of tokens[:end] and tokens (>= n, which is known)."""
+        t, L = self.tokens, len(self.tokens)
+        k = n
+        while k < min(MATCH_CAP, end) and t[end - 1 - k] == t[L - 1 - k]:
+            k += 1
+        return k
 
 
 class LookupDrafter:

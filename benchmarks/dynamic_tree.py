@@ -28,7 +28,7 @@ SETS = {  # name -> bench --dataset value
     "dialogsum": "dialogsum",
     "wikisql": "wikisql",
 }
-TREES = ("dynamic", "1")
+TREES = ("dynamic", "1", "3,2,1")
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, dict]:
@@ -64,15 +64,46 @@ def table(reports: dict[str, dict]) -> tuple[str, list[dict]]:
                          "speedup": s.get("speedup"), "decode_tps": s.get("decode_tps"),
                          "mean_tree": s.get("mean_tree_size"),
                          "by_source": s.get("accepted_by_source") or {},
+                         "by_depth": s.get("acceptance_by_depth") or [],
+                         "tokens": s.get("tokens"), "passes": s.get("passes"),
+                         "decode_tokens": s.get("decode_tokens"), "decode_s": s.get("decode_s"),
                          "peak_gb": (s.get("peak_memory_bytes") or 0) / 1e9})
+    rows += overall(rows)
     lines = ["| set | method | parity | tokens/pass | speedup vs AR | mean tree | "
-             "accepted by source | peak GB |", "|---|---|---|---:|---:|---:|---|---:|"]
+             "accepted by source | acceptance at depth 1/2/3 | peak GB |",
+             "|---|---|---|---:|---:|---:|---|---|---:|"]
     for r in rows:
         src = ", ".join(f"{k} {v}" for k, v in sorted(r["by_source"].items()))
+        depth = " / ".join("-" if a is None else f"{a:.0%}" for a in r["by_depth"][:3])
         lines.append(
             f"| {r['set']} | {r['method']} | {r['status']} | {r['tokens_per_pass']:.2f} | "
-            f"{r['speedup']:.2f}x | {r['mean_tree'] or 0:.2f} | {src} | {r['peak_gb']:.3f} |")
+            f"{r['speedup']:.2f}x | {r['mean_tree'] or 0:.2f} | {src} | {depth} | "
+            f"{r['peak_gb']:.3f} |")
     return "\n".join(lines) + "\n", rows
+
+
+def overall(rows: list[dict]) -> list[dict]:
+    """Per method, every set pooled: tokens / passes, and decode tokens/s over AR's."""
+    def tps(rs: list[dict]) -> float:
+        return sum(r["decode_tokens"] for r in rs) / sum(r["decode_s"] for r in rs)
+
+    ok = [r for r in rows if r["status"] == "ok" and r["decode_s"]]
+    sets = {r["set"] for r in ok}
+    ar = [r for r in ok if r["method"] == "ar"]
+    out = []
+    for m in dict.fromkeys(r["method"] for r in ok):
+        rs = [r for r in ok if r["method"] == m]
+        if {r["set"] for r in rs} != sets or not ar:
+            continue  # pooled only over the same sets as AR
+        out.append({"set": "overall", "method": m, "status": "ok",
+                    "tokens_per_pass": sum(r["tokens"] for r in rs) / sum(r["passes"] for r in rs),
+                    "speedup": tps(rs) / tps(ar), "decode_tps": tps(rs),
+                    "mean_tree": sum((r["mean_tree"] or 0) * r["passes"] for r in rs)
+                    / sum(r["passes"] for r in rs),
+                    "by_source": {}, "by_depth": [], "tokens": None, "passes": None,
+                    "decode_tokens": None, "decode_s": None,
+                    "peak_gb": max(r["peak_gb"] for r in rs)})
+    return out
 
 
 def plot(rows: list[dict], subtitle: str, path: Path) -> None:

@@ -22,7 +22,7 @@ from .drafters.hybrid import HybridConfig, HybridDrafter, HybridStats
 from .drafters.streams import Proposer, StreamDrafter
 from .files import cache_root
 from .model.ss_model import SSModel
-from .tuned import load_tuned, row_cost_curve
+from .tuned import load_tuned, plain_cost_curve, row_cost_curve
 
 DYNAMIC = "dynamic"
 
@@ -99,7 +99,8 @@ def dynamic_drafter(model: SSModel, config: HybridConfig | None = None) -> Hybri
         prior = tuple(float(p[0]) for p in probs) if probs else None
         stats = HybridStats(model.num_streams, config.lookup_depth, prior)
         object.__setattr__(model, "_hybrid_stats", stats)  # plain attribute: not a module child
-    return HybridDrafter(model, config, row_cost_curve(record, model.num_streams), stats)
+    curve = row_cost_curve(record, model.num_streams)
+    return HybridDrafter(model, config, curve, stats, plain_cost_curve(record))
 
 
 def resolve_tree(model: SSModel, tree: TreeSpec | str | dict | None) -> TreeSpec:

@@ -127,11 +127,13 @@ def verify_cost_ok(cost: Any) -> bool:
     """A verify-cost curve as tune writes it: T = 1..n and n finite positive ratios."""
     if not isinstance(cost, dict):
         return False
-    rel, sizes = cost.get("relative"), cost.get("T")
+    rel, sizes, plain = cost.get("relative"), cost.get("T"), cost.get("plain_seconds")
     return (
         isinstance(rel, list) and len(rel) > 0 and all(_number(x) and x > 0 for x in rel)
         and isinstance(sizes, list) and len(sizes) == len(rel)
         and all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in sizes)
+        and (plain is None or (isinstance(plain, list) and len(plain) == len(sizes)
+                               and all(_number(x) and x > 0 for x in plain)))
     )
 
 
@@ -213,6 +215,23 @@ def row_cost_curve(record: dict[str, Any] | None, num_streams: int) -> CostCurve
         out.append((rows, best))
     last_rows, last = out[-1]
     out.append((last_rows * 8, last * 8))  # linear beyond the measured range
+    return tuple(out)
+
+
+def plain_cost_curve(record: dict[str, Any] | None) -> CostCurve | None:
+    """(T, relative cost) of a pass over T nodes without streams, from a tuning record that
+    timed it (``plain_seconds``), else None."""
+    cost = (record or {}).get("verify_cost") or {}
+    plain, ar = cost.get("plain_seconds"), cost.get("ar_seconds")
+    if not plain or not ar:
+        return None
+    out, best = [(1, 1.0)], 1.0
+    for T, s in zip(cost["T"], plain, strict=False):
+        if T > 1:  # costs never fall with more nodes (noise aside)
+            best = max(best, float(s) / float(ar))
+            out.append((T, best))
+    last_t, last = out[-1]
+    out.append((last_t * 8, last * 8))  # linear beyond the measured range
     return tuple(out)
 
 

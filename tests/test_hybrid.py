@@ -149,3 +149,15 @@ def test_lookup_confidence_rises_with_the_match_length_and_learns_per_length():
     assert drafter.first_draft([0, 1, 2]).tree.num_nodes == 1
     drafter.length = 20
     assert drafter.first_draft([0, 1, 2]).tree.num_nodes >= 4
+
+
+def test_lookup_only_passes_are_priced_by_the_plain_curve():
+    model = tiny_ss_model("llama", seed=4)
+    cheap = ((1, 1.0), (2, 1.01), (4, 1.02), (8, 1.04), (64, 1.5))
+    dear = ((1, 1.0), (2, 3.0), (4, 6.0), (8, 12.0), (64, 96.0))
+    config = HybridConfig(explore_every=0)
+    for plain, deep in ((cheap, True), (dear, False)):
+        drafter = FixedMatch(model, config=config, cost_curve=DEFAULT_ROW_COST, plain_curve=plain)
+        drafter.length = 3
+        draft = drafter.first_draft([0, 1, 2])
+        assert (draft.tree.num_nodes >= 4) == deep, plain

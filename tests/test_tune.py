@@ -109,6 +109,17 @@ def test_verify_cost_measurement_shapes():
                                          progress=False)
         assert curve["T"] == [1, 2, 3] and curve["relative"][0] == 1.0
         assert len(curve["samples"][2]) == 2 and curve["ar_seconds"] > 0
+        # The SS model's record also prices passes without streams (lookup-only trees).
+        assert ("plain_seconds" in curve) == (target is model)
+    plain = tune.measure_verify_cost(model, max_t=3, context=16, repeats=2, warmup=1,
+                                     progress=False)
+    assert len(plain["plain_seconds"]) == 3 and all(s > 0 for s in plain["plain_seconds"])
+    assert tuned.verify_cost_ok(plain)
+    points = tuned.plain_cost_curve({"verify_cost": plain})
+    assert points[0] == (1, 1.0) and [t for t, _ in points[:3]] == [1, 2, 3]
+    assert all(b >= a for (_, a), (_, b) in zip(points, points[1:], strict=False))
+    assert tuned.plain_cost_curve({"verify_cost": {**plain, "plain_seconds": None}}) is None
+    assert not tuned.verify_cost_ok({**plain, "plain_seconds": [1.0, -1.0, 2.0]})
 
 
 def test_stream_ranks_match_the_streams():

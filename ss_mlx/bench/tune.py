@@ -82,7 +82,9 @@ def measure_verify_cost(
     gamma): the cost of a pass depends on its row count, not on its shape, and a wider tree of
     T nodes is shallower, so this is an upper bound for it. Repeats are interleaved over T so
     that load changes hit every T alike; medians are reported. Also times mlx-lm's own
-    one-token forward (the AR step) for reference.
+    one-token forward (the AR step) for reference, and for an SSModel the plain pass over T
+    nodes without streams (``plain_seconds``: what a tree of lookup drafts alone costs; the
+    dynamic tree prices such passes with it).
     """
     from tqdm import tqdm
 
@@ -114,9 +116,16 @@ def measure_verify_cost(
             last = model.stream_logits_at(out, mx.array(T - 1))
             out = [mx.argmax(out.main_logits, axis=-1), mx.argmax(last, axis=-1)]
         else:
-            logits, _ = plain_tree_forward(base, tokens, positions, masks[T], cache)
-            out = [mx.argmax(logits, axis=-1)]
+            out = plain_pass(T, tokens)
         return out
+
+    def plain_pass(T: int, tokens: mx.array | None = None) -> list[mx.array]:
+        if T not in masks:
+            masks[T] = mx.tril(mx.ones((T, T), dtype=mx.bool_))
+        if tokens is None:
+            tokens = mx.array(rng.integers(0, vocab, size=T), dtype=mx.int32)
+        logits, _ = plain_tree_forward(base, tokens, start + mx.arange(T), masks[T], cache)
+        return [mx.argmax(logits, axis=-1)]
 
     def timed(fn: Callable[[], list[mx.array]]) -> float:
         t = _time_once(fn)
@@ -134,17 +143,26 @@ def measure_verify_cost(
             timed(lambda T=T: tree_pass(T))
         timed(ar_step)
     samples: dict[int, list[float]] = {T: [] for T in sizes}
+    plain: dict[int, list[float]] = {T: [] for T in sizes}
     ar: list[float] = []
-    bar = tqdm(total=repeats * (len(sizes) + 1), desc="verify cost", unit="pass",
+    per_round = len(sizes) * (2 if is_ss else 1) + 1
+    bar = tqdm(total=repeats * per_round, desc="verify cost", unit="pass",
                disable=not progress, file=sys.stderr)
     for _ in range(repeats):
         for T in sizes:
             samples[T].append(timed(lambda T=T: tree_pass(T)))
             bar.update()
+            if is_ss:
+                plain[T].append(timed(lambda T=T: plain_pass(T)))
+                bar.update()
         ar.append(timed(ar_step))
         bar.update()
     bar.close()
     seconds = [float(np.median(samples[T])) for T in sizes]
+    extra = {}
+    if is_ss:
+        extra = {"plain_seconds": [float(np.median(plain[T])) for T in sizes],
+                 "plain_samples": [plain[T] for T in sizes]}
     return {
         "pass": "ss tree_step" if is_ss else "plain tree forward",
         "context": context,
@@ -155,6 +173,7 @@ def measure_verify_cost(
         "samples": [samples[T] for T in sizes],
         "ar_seconds": float(np.median(ar)),
         "ar_samples": ar,
+        **extra,
     }
 
 

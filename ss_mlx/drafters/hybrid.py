@@ -142,10 +142,14 @@ class HybridDrafter:
         config: HybridConfig | None = None,
         cost_curve: CostCurve = DEFAULT_ROW_COST,
         stats: "HybridStats | None" = None,
+        plain_curve: CostCurve | None = None,
     ):
         self.model, self.base = model, model.base
         self.config = config or HybridConfig()
         self.curve = cost_curve
+        # Passes without streams (lookup drafts only) by node count, when measured: a row of
+        # the stream layers costs less than a node that runs every layer.
+        self.plain_curve = plain_curve or cost_curve
         G = model.num_streams
         self.max_depth = min(G, self.config.max_stream_depth or G)
         stats = stats or HybridStats(G, self.config.lookup_depth)
@@ -313,7 +317,11 @@ class HybridDrafter:
                 continue
             extra = self._stream_gain(depth)
             for T in range(1, limit + 1):
-                value = (1.0 + gained[T - 1] + extra) / cost_at(self.curve, T * (1 + depth))
+                # With streams a pass costs at least the same nodes' plain pass.
+                cost = cost_at(self.plain_curve, T)
+                if depth:
+                    cost = max(cost, cost_at(self.curve, T * (1 + depth)))
+                value = (1.0 + gained[T - 1] + extra) / cost
                 if value > best + 1e-9:
                     best, choice = value, (T, depth)
         # The estimates are noisy and the cost curve approximate: a draft must promise a clear

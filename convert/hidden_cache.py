@@ -9,10 +9,10 @@ With a `path`, the cache is written there once every example of the run is in it
 a later run on more of the data grows it), as safetensors (no pickles) with its key in the
 metadata, and a later run with the same key (base weights, data file, sequence length, stream
 layers, dtype) starts from it: an ablation over gamma, rank, steps or data prefixes pays for the
-trunk pass once. Only the state entering the first stream layer is kept (4 bytes x D per
-token; the inputs of the other stream layers are recomputed from it by the base's own layers,
-Ns - 1 of N layers, at each lookup): 2.3 KB a token for SmolLM2, 1 GB per ~450K tokens. Keep
-the file out of git.
+trunk pass once. Only the state entering the first stream layer is kept (D values per token
+in the trunk's dtype; the other stream layers' inputs are recomputed from it by the base's own
+layers, Ns - 1 of N, at each lookup): 2.3 KB a token for SmolLM2 in fp32, 1 GB per ~450K
+tokens. Keep the file out of git.
 """
 
 from __future__ import annotations
@@ -107,13 +107,15 @@ class FrozenBaseCache:
     def _fill(self, core: torch.nn.Module, batch: dict[str, torch.Tensor], idx: list[int]) -> None:
         out = core.base_forward(batch["input_ids"], batch["attention_mask"])
         first = out.stream_inputs[0]  # (B, L, D)
+        dtype = next(core.base.parameters()).dtype
         for b, i in enumerate(idx):
             n = int(batch["lengths"][b])
             nll, hit, pred = _main_stats(
                 core, out.main_hidden[b, : n - 1], batch["input_ids"][b, 1:n]
             )
-            # float(): under bf16 autocast the states come out bf16; the cache keeps fp32.
-            self._store[i] = (first[b, :n].float().clone(), nll, hit, pred)
+            # In the trunk's own dtype: under bf16 autocast an fp32 trunk's states come out
+            # bf16, and the stream layers read them as the trunk would.
+            self._store[i] = (first[b, :n].to(dtype).clone(), nll, hit, pred)
 
     def lookup(
         self, core: torch.nn.Module, batch: dict[str, torch.Tensor], idx: list[int]

@@ -507,7 +507,7 @@ def _make_cache(
         if total_steps * args.grad_accum <= micro_per_epoch:  # each example seen once at most
             return None
         hf = hf_causal_lm(core.base)
-        per_token = hf.config.hidden_size * 4  # one layer's input per token, fp32
+        per_token = hf.config.hidden_size * DTYPES[args.dtype].itemsize  # one layer's input
         need = sum(len(e.input_ids) for e in examples) * per_token
         if need > AUTO_CACHE_BYTES:
             if env.is_main:

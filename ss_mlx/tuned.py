@@ -209,12 +209,18 @@ def row_cost_curve(record: dict[str, Any] | None, num_streams: int) -> CostCurve
     for T, s in zip(cost["T"], cost["seconds"], strict=False):
         rows = T * (1 + min(max(T - 1, 1), num_streams))
         points[rows] = max(float(s) / ar, points.get(rows, 0.0))
+    return _monotone(points)
+
+
+def _monotone(points: dict[int, float]) -> CostCurve:
+    """(size, relative cost) in size order, never falling (noise aside), linear beyond the
+    largest measured size."""
     out, best = [], 0.0
-    for rows in sorted(points):  # costs never fall with more rows (noise aside)
-        best = max(best, points[rows])
-        out.append((rows, best))
-    last_rows, last = out[-1]
-    out.append((last_rows * 8, last * 8))  # linear beyond the measured range
+    for size in sorted(points):
+        best = max(best, points[size])
+        out.append((size, best))
+    last_size, last = out[-1]
+    out.append((last_size * 8, last * 8))
     return tuple(out)
 
 
@@ -225,14 +231,11 @@ def plain_cost_curve(record: dict[str, Any] | None) -> CostCurve | None:
     plain, ar = cost.get("plain_seconds"), cost.get("ar_seconds")
     if not plain or not ar:
         return None
-    out, best = [(1, 1.0)], 1.0
+    points = {1: 1.0}  # a one-node plain pass is the AR step itself
     for T, s in zip(cost["T"], plain, strict=False):
-        if T > 1:  # costs never fall with more nodes (noise aside)
-            best = max(best, float(s) / float(ar))
-            out.append((T, best))
-    last_t, last = out[-1]
-    out.append((last_t * 8, last * 8))  # linear beyond the measured range
-    return tuple(out)
+        if T > 1:
+            points[T] = float(s) / float(ar)
+    return _monotone(points)
 
 
 def cost_at(curve: CostCurve, rows: int) -> float:

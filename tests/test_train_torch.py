@@ -260,6 +260,17 @@ def test_bf16_autocast_trains_close_to_fp32_with_or_without_the_cache(workdir, t
     )
 
 
+def test_cache_of_a_bf16_trunk_keeps_its_dtype(workdir, tmp_path):
+    # The one stored layer's input goes back through the bf16 trunk's layers: it must stay bf16.
+    args = ["--max-steps", "6", "--save-every", "0", "--dtype", "bfloat16"]
+    on = run_train(workdir, "llama", "lossless", tmp_path / "on", *args, "--cache-hidden", "on")
+    run_train(workdir, "llama", "lossless", tmp_path / "off", *args, "--cache-hidden", "off")
+    assert losses(tmp_path / "on", "streams") == pytest.approx(
+        losses(tmp_path / "off", "streams"), rel=2e-2
+    )
+    assert all(torch.isfinite(v).all() for v in on.model.ss_state_dict().values())
+
+
 def test_trunk_cache_on_disk_is_reused_and_survives_damage(workdir, tmp_path, capfd):
     cache = tmp_path / "trunk"
     args = ["--max-steps", "12", "--save-every", "0", "--cache-dir", str(cache)]

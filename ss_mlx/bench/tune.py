@@ -120,11 +120,10 @@ def measure_verify_cost(
         return out
 
     def plain_pass(T: int, tokens: mx.array | None = None) -> list[mx.array]:
-        if T not in masks:
-            masks[T] = mx.tril(mx.ones((T, T), dtype=mx.bool_))
         if tokens is None:
             tokens = mx.array(rng.integers(0, vocab, size=T), dtype=mx.int32)
-        logits, _ = plain_tree_forward(base, tokens, start + mx.arange(T), masks[T], cache)
+        mask = masks.setdefault(T, mx.tril(mx.ones((T, T), dtype=mx.bool_)))
+        logits, _ = plain_tree_forward(base, tokens, start + mx.arange(T), mask, cache)
         return [mx.argmax(logits, axis=-1)]
 
     def timed(fn: Callable[[], list[mx.array]]) -> float:

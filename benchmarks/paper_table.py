@@ -66,8 +66,10 @@ def recipe_text(work: Path) -> str:
     lines = ["Training (benchmarks/paper_recipe.py; LoRA rank 32 on all linear modules, lr 5e-4, "
              f"batch and steps per task below; SS gamma = {STREAMS}, alpha_j = 0.1; Medusa "
              f"{STREAMS} heads x 1 residual block on the frozen merged baseline; draft = the "
-             f"baseline's first {DRAFT_LAYERS} layers, LoRA-distilled (batch 8) on the baseline's "
-             "greedy outputs):", "",
+             f"baseline's first {DRAFT_LAYERS} layers, LoRA-distilled (batch 8); Medusa, SS "
+             "lossless and the draft train on the baseline's greedy outputs for the training "
+             f"prompts, E2E's plus {PLANS['e2e']['synth_mrs']} MRs recombined from dev's "
+             "attribute values):", "",
              "| task | steps x batch | SS Ns | draft steps | run | wall time |",
              "|---|---|---:|---:|---|---:|"]
     for task, plan in PLANS.items():

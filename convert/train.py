@@ -35,6 +35,7 @@ from . import train_state
 from .data import Example, collate, epoch_batches, load_examples, pad_id_of
 from .dist import DistEnv, all_reduce_sums, barrier, init_distributed, shutdown
 from .hidden_cache import FrozenBaseCache
+from .learning_curve import CURVE_FILE, LearningCurve, curve_record, format_point
 from .loss import (
     accumulate,
     aggregate_metrics,
@@ -115,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat-template", action="store_true", help="plain prompt + completion")
     p.add_argument("--eval", default=None, help="held-out JSONL for the final per-stream accuracy")
     p.add_argument("--eval-batch-size", type=int, default=None)
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="also evaluate --eval every N optimizer steps (and at the last), appending to "
+        "OUT/eval_curve.jsonl: the held-out learning curve (0: only at the end)",
+    )
     p.add_argument("--save-every", type=int, default=200, help="checkpoint period (0: none)")
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument(
@@ -279,6 +287,13 @@ def trainable_state(core: nn.Module) -> dict[str, torch.Tensor]:
 def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     from .pretrained import load_hf_model, load_hf_tokenizer
 
+    t_start = time.perf_counter()
+    if args.eval_every < 0:
+        raise SystemExit(
+            f"ss-mlx train: error: --eval-every must be 0 or more, got {args.eval_every}"
+        )
+    if args.eval_every > 0 and not args.eval:
+        raise SystemExit("ss-mlx train: error: --eval-every needs --eval (the held-out JSONL)")
     out_dir = Path(args.out)
     ckpt_root = out_dir / "checkpoints"
     # Read (and validate) the resume state before the slow part, so a bad file fails at once.
@@ -358,11 +373,17 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     last: dict[str, float] = {}
     tokens, t0 = 0, time.perf_counter()
     log_path = out_dir / "train_log.jsonl"
+    curve: LearningCurve | None = None
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if start_step == 0:  # a fresh run into an old OUT: do not mix logs or keep old results
             log_path.unlink(missing_ok=True)
             (out_dir / "eval.json").unlink(missing_ok=True)
+            (out_dir / CURVE_FILE).unlink(missing_ok=True)
+        if args.eval_every > 0:
+            curve = _start_curve(out_dir, start_step)
+    eval_batch = args.eval_batch_size or args.batch_size
+    final_eval: dict[str, float] | None = None
     for step in range(start_step, total_steps):
         for k in range(args.grad_accum):
             m = step * args.grad_accum + k
@@ -399,6 +420,16 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
             window, tokens, t0 = {}, 0, time.perf_counter()
         if progress is not None:
             progress.update(1)
+        # Before the checkpoint: a run killed between the two recomputes this step on resume
+        # (the record is dropped); the other order would leave the step out of the curve.
+        if args.eval_every > 0 and (done % args.eval_every == 0 or done == total_steps):
+            metrics = evaluate(core, eval_examples, eval_batch, pad_id, env, loss_kw)
+            if done == total_steps:
+                final_eval = metrics
+            if curve is not None:
+                record = curve_record(done, metrics, time.perf_counter() - t_start)
+                curve.add(record)
+                _say(progress, format_point(record))
         if args.save_every > 0 and (done % args.save_every == 0 or done == total_steps):
             _checkpoint(env, ckpt_root, done, args, core, optimizer, scheduler)
     if progress is not None:
@@ -410,9 +441,12 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
 
     eval_metrics = None
     if eval_examples is not None:
-        eval_metrics = evaluate(
-            core, eval_examples, args.eval_batch_size or args.batch_size, pad_id, env, loss_kw
-        )
+        eval_metrics = final_eval
+        if eval_metrics is None:
+            eval_metrics = evaluate(core, eval_examples, eval_batch, pad_id, env, loss_kw)
+            # Resumed at the last step (no step ran): the curve may still lack its end.
+            if curve is not None and curve.last_step < total_steps:
+                curve.add(curve_record(total_steps, eval_metrics, time.perf_counter() - t_start))
         eval_metrics = {
             "file": str(args.eval),
             "examples": len(eval_examples),
@@ -765,6 +799,21 @@ def _restore(
             f"ss-mlx train: error: --resume: {path} does not fit this run: {first}"
         ) from None
     return int(state["step"])
+
+
+def _start_curve(out_dir: Path, start_step: int) -> LearningCurve:
+    try:
+        return LearningCurve.start(out_dir, start_step)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"ss-mlx train: error: --eval-every: {e}") from None
+
+
+def _say(progress: Any, line: str) -> None:
+    # Through tqdm when its bar is drawn, so the line does not break the bar.
+    if progress is not None:
+        progress.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr)
 
 
 def _progress(env: DistEnv, args: argparse.Namespace, start: int, total: int) -> Any:

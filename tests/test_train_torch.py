@@ -214,7 +214,6 @@ def test_hidden_cache_matches_uncached(workdir, tmp_path):
     assert la == pytest.approx(lb, rel=1e-4)
 
 
-
 def test_own_targets_and_sampled_positions_cached_match_uncached(workdir, tmp_path):
     # --targets base: the labels are the frozen base's predictions, whether they come from the
     # cache or from the forward; --stream-positions draws the same positions either way.
@@ -302,10 +301,79 @@ def test_trunk_cache_on_disk_is_reused_and_survives_damage(workdir, tmp_path, ca
     for k, v in first.model.ss_state_dict().items():
         torch.testing.assert_close(v, third.model.ss_state_dict()[k], atol=1e-5, rtol=1e-4)
 
+
 def test_own_targets_need_a_frozen_base(workdir, tmp_path):
     with pytest.raises(SystemExit, match="frozen base"):
         run_train(workdir, "llama", "shared", tmp_path / "o", "--max-steps", "1",
                   "--targets", "base")  # fmt: skip
+
+
+# ---- learning curve (--eval-every) -----------------------------------------------------------
+
+STREAM_KEYS = {f"stream{j}_{k}" for j in range(1, G + 1) for k in ("acc", "top3", "loss")}
+EVAL_KEYS = {"main_loss", "main_acc", "accepted_streams_mean"} | STREAM_KEYS  # as in eval.json
+CURVE_KEYS = EVAL_KEYS | {"step", "tokens_per_pass", "wall_s"}
+
+
+def curve(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "eval_curve.jsonl").read_text().splitlines()]
+
+
+def test_eval_every_writes_the_curve_and_reuses_its_last_point(workdir, tmp_path, monkeypatch):
+    calls = []
+    evaluate = train_cli.evaluate
+    monkeypatch.setattr(train_cli, "evaluate", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
+    out = tmp_path / "o"
+    run_train(workdir, "llama", "lossless", out, "--max-steps", "5", "--save-every", "0",
+              "--eval", str(workdir / "eval.jsonl"), "--eval-every", "2")  # fmt: skip
+    records = curve(out)
+    assert [r["step"] for r in records] == [2, 4, 5] and len(calls) == 3  # step 5 once
+    assert all(set(r) == CURVE_KEYS for r in records)
+    assert all(r["tokens_per_pass"] == 1 + r["accepted_streams_mean"] for r in records)
+    assert [r["wall_s"] for r in records] == sorted(r["wall_s"] for r in records)
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["step"] == 5 and all(ev[k] == records[-1][k] for k in EVAL_KEYS)
+    # A fresh run into the same folder (flag or not) does not keep the old curve.
+    run_train(workdir, "llama", "lossless", out, "--max-steps", "1", "--save-every", "0")
+    assert not (out / "eval_curve.jsonl").exists()
+
+
+def test_eval_curve_resumes_without_duplicates_or_a_discarded_future(workdir, tmp_path):
+    common = ["--max-steps", "6", "--save-every", "2", "--eval", str(workdir / "eval.jsonl"),
+              "--eval-every", "1"]  # fmt: skip
+    straight = tmp_path / "a"
+    run_train(workdir, "llama", "lossless", straight, *common)
+    interrupted = tmp_path / "b"
+    run_train(workdir, "llama", "lossless", interrupted, *common)
+    # Pretend the run died after evaluating step 6 but before its checkpoint, and mark the
+    # records of steps 5-6 (the future that resuming from step 4 discards).
+    shutil.rmtree(interrupted / "checkpoints" / "step-00000006")
+    records = curve(interrupted)
+    for r in records[4:]:
+        r["main_loss"] = 999.0
+    (interrupted / "eval_curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run_train(workdir, "llama", "lossless", interrupted, *common, "--resume")
+    want, got = curve(straight), curve(interrupted)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(want, got, strict=True):
+        assert {k: v for k, v in a.items() if k != "wall_s"} == pytest.approx(
+            {k: v for k, v in b.items() if k != "wall_s"}, rel=1e-6
+        )
+    # Resuming the finished run: no step runs, no record is added twice.
+    run_train(workdir, "llama", "lossless", interrupted, *common, "--resume")
+    assert [r["step"] for r in curve(interrupted)] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--eval-every", "2"], "--eval-every needs --eval"),
+     (["--eval-every", "-1", "--eval", "E.jsonl"], "--eval-every must be 0 or more")],
+)  # fmt: skip
+def test_eval_every_bad_settings_are_one_line(workdir, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message) as e:
+        run_train(workdir, "llama", "lossless", tmp_path / "o", "--max-steps", "1", *extra)
+    assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
+
 
 # ---- data ------------------------------------------------------------------------------------
 
@@ -428,6 +496,7 @@ def test_torchrun_two_cpu_processes(workdir, tmp_path):
         "--eval", str(workdir / "eval.jsonl"), "--mode", "shared", "--streams", str(G),
         "--stream-layers", str(NS), "--out", str(out), "--max-steps", "4", "--batch-size", "2",
         "--grad-accum", "2", "--save-every", "2", "--log-every", "2", "--no-progress",
+        "--eval-every", "2",
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
@@ -440,6 +509,7 @@ def test_torchrun_two_cpu_processes(workdir, tmp_path):
     ]
     ev = json.loads((out / "eval.json").read_text())
     assert ev["main_n"] > 0 and ev["examples"] == 6
+    assert [r["step"] for r in curve(out)] == [2, 4]  # rank 0 wrote each point once
     assert "eval on" in proc.stdout
     load_trained(out)
 

@@ -62,6 +62,15 @@ def all_reduce_sums(env: DistEnv, values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist(), strict=True))
 
 
+def all_reduce_tensor(env: DistEnv, t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (a copy; every rank must pass the same shape)."""
+    if not env.distributed:
+        return t.clone()
+    out = t.to(env.device) if env.device.type == "cuda" else t.clone()
+    torch_dist.all_reduce(out)
+    return out.cpu()
+
+
 def shutdown(env: DistEnv) -> None:
     if env.distributed and torch_dist.is_initialized():
         torch_dist.destroy_process_group()

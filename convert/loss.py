@@ -154,29 +154,87 @@ def _order(name: str) -> tuple[int, int]:
     return (2, 0)
 
 
+TREE_WIDTH = 4  # ranks 0..3 of each stream are tree candidates; a rank >= 4 is a miss
+TREE_DEPTH = 4  # streams the tree metric looks at (deeper trees are rare at these accuracies)
+TREE_BUDGETS = (4, 8, 16, 32)  # draft nodes of the trees scored in eval
+
+
+def empty_rank_hist(num_streams: int) -> torch.Tensor:
+    """Zero counts of `chain_acceptance`'s joint-rank histogram for this many streams."""
+    return torch.zeros((TREE_WIDTH + 1,) * min(num_streams, TREE_DEPTH), dtype=torch.float64)
+
+
 @torch.no_grad()
 def chain_acceptance(
     stream_logits: torch.Tensor,
     input_ids: torch.Tensor,
     loss_mask: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[float, int]:
-    """Sum and count of the leading run of correct streams per position (greedy chain draft).
+    chunk: int = 256,
+) -> tuple[float, int, torch.Tensor]:
+    """Greedy-chain and tree acceptance of the streams at every scorable position.
 
     Counted at positions i whose main target x_{i+1} and last stream target x_{i+1+G} are both
-    response tokens; 1 + the mean is the tokens per step a width-1 draft would give on this data.
+    response tokens. Returns the sum of the leading run of correct streams (1 + its mean is the
+    tokens per step a width-1 draft gives), the count of positions, and a histogram of the joint
+    ranks of the true tokens in the first D = min(G, TREE_DEPTH) streams' rankings, shape
+    (TREE_WIDTH + 1,) * D (rank TREE_WIDTH = "not in the top TREE_WIDTH"): a tree node
+    (r1, .., rd) is accepted exactly where the ranks start with r1, .., rd, so any tree's
+    expected length follows from it (`best_tree_tokens`).
     stream_logits (B,L,G,V), or LM-head inputs (B,L,G,D) with `head`.
     """
     B, L, G, _ = stream_logits.shape
+    D = min(G, TREE_DEPTH)
+    hist = empty_rank_hist(G).flatten()
     n = L - 1 - G  # positions whose every stream target exists
     if n <= 0:
-        return 0.0, 0
+        return 0.0, 0, hist.reshape((TREE_WIDTH + 1,) * D)
     valid = loss_mask[:, 1 : 1 + n].bool() & loss_mask[:, 1 + G : 1 + G + n].bool()  # (B, n)
     rows = stream_logits[:, :n][valid]  # (m, G, V or D)
-    pred = (rows if head is None else head(rows)).argmax(-1)  # (m, G)
     targets = torch.stack([input_ids[:, 1 + j : 1 + j + n] for j in range(1, G + 1)], dim=-1)
-    run = (pred == targets[valid]).long().cumprod(dim=-1).sum(-1)  # (m,)
-    return float(run.sum()), int(valid.sum())
+    targets = targets[valid]  # (m, G)
+    run_sum = 0.0
+    place = (TREE_WIDTH + 1) ** torch.arange(D - 1, -1, -1)  # (D,) mixed-radix digits
+    for s in range(0, rows.shape[0], chunk):  # bounded (chunk, G, V) logits
+        lg = rows[s : s + chunk] if head is None else head(rows[s : s + chunk])
+        tg = targets[s : s + chunk]
+        run_sum += float((lg.argmax(-1) == tg).long().cumprod(dim=-1).sum())
+        true = lg[:, :D].gather(-1, tg[:, :D, None])  # (c, D, 1)
+        rank = (lg[:, :D] > true).sum(-1).clamp(max=TREE_WIDTH)  # (c, D)
+        hist += torch.bincount((rank * place).sum(-1), minlength=hist.numel()).double()
+    return run_sum, int(valid.sum()), hist.reshape((TREE_WIDTH + 1,) * D)
+
+
+def best_tree_tokens(hist: torch.Tensor, budgets: Sequence[int] = TREE_BUDGETS) -> dict[str, float]:
+    """Expected tokens per pass (1 + accepted draft nodes) of the best draft tree of each node
+    budget on the positions `hist` (from `chain_acceptance`) counts.
+
+    A node's acceptance rate is the share of positions whose ranks start with its path; it never
+    exceeds its parent's, so growing the tree best-first by that rate gives the best tree of
+    every size. The tree is fit to the same positions it is scored on: a little optimistic
+    against a tree chosen on other text. Keys are the budgets as strings (JSON).
+    """
+    total = float(hist.sum())
+    out = {str(b): float("nan") for b in budgets}
+    if total == 0 or not budgets:
+        return out
+    W, D = TREE_WIDTH, hist.dim()
+
+    def rate(path: tuple[int, ...]) -> float:
+        return float(hist[path].sum()) / total  # the rest of the ranks summed over
+
+    frontier = [(-rate((r,)), (r,)) for r in range(W)]
+    accepted, size = 0.0, 0
+    for budget in sorted(budgets):
+        while size < budget and frontier:
+            frontier.sort()
+            neg, path = frontier.pop(0)
+            accepted += -neg
+            size += 1
+            if len(path) < D:
+                frontier += [(-rate(path + (r,)), path + (r,)) for r in range(W)]
+        out[str(budget)] = 1.0 + accepted
+    return out
 
 
 @torch.no_grad()

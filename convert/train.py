@@ -33,13 +33,22 @@ from ss_mlx.files import write_json
 
 from . import train_state
 from .data import Example, collate, epoch_batches, load_examples, pad_id_of
-from .dist import DistEnv, all_reduce_sums, barrier, init_distributed, shutdown
+from .dist import (
+    DistEnv,
+    all_reduce_sums,
+    all_reduce_tensor,
+    barrier,
+    init_distributed,
+    shutdown,
+)
 from .hidden_cache import FrozenBaseCache
 from .learning_curve import CURVE_FILE, LearningCurve, curve_record, format_point
 from .loss import (
     accumulate,
     aggregate_metrics,
+    best_tree_tokens,
     chain_acceptance,
+    empty_rank_hist,
     sample_anchors,
     ss_loss,
     stream_counts,
@@ -618,6 +627,7 @@ def evaluate(
     sums.update(chain_sum=0.0, chain_n=0.0)
     # Every rank has every key, batches or not, so all_reduce_sums lines up.
     sums.update({f"x{j}_{key}": 0.0 for j in range(1, G + 1) for key in ("top3", "echo", "n")})
+    tree_hist = empty_rank_hist(G)  # joint stream ranks (loss.chain_acceptance), summed
     mine = list(range(env.rank, len(examples), env.world))
     device = next(core.parameters()).device
     for i in range(0, len(mine), batch_size):
@@ -628,18 +638,22 @@ def evaluate(
             main, streams, ids, mask, exit_logits=exits, head=core.lm_head, **loss_kw
         )
         accumulate(sums, metrics)
-        chain, count = chain_acceptance(streams, ids, mask, head=core.lm_head)
+        chain, count, hist = chain_acceptance(streams, ids, mask, head=core.lm_head)
         sums["chain_sum"] += chain
         sums["chain_n"] += count
+        tree_hist = tree_hist + hist
         counts = stream_counts(main, streams, ids, mask, core.lm_head)
         for j, (top3, echo, n) in enumerate(counts, 1):
             for key, value in (("top3", top3), ("echo", echo), ("n", n)):
                 sums[f"x{j}_{key}"] += value
     sums = all_reduce_sums(env, sums)
+    tree_hist = all_reduce_tensor(env, tree_hist)
     core.train(was_training)
     out = aggregate_metrics({k: v for k, v in sums.items() if not k.startswith(("chain_", "x"))})
     n = sums["chain_n"]
     out["accepted_streams_mean"] = sums["chain_sum"] / n if n else float("nan")
+    # Expected tokens per pass of the best draft tree of each node budget (streams alone).
+    out["tree_tokens_per_pass"] = best_tree_tokens(tree_hist)
     for j in range(1, G + 1):  # top-3 accuracy and echo share (see loss.stream_counts)
         n = sums[f"x{j}_n"]
         for key in ("top3", "echo"):
@@ -663,6 +677,10 @@ def format_eval(metrics: dict[str, Any]) -> str:
     lines.append(
         f"  mean accepted streams per step (greedy chain): {metrics['accepted_streams_mean']:.3f}"
     )
+    trees = metrics.get("tree_tokens_per_pass")
+    if trees:
+        best = ", ".join(f"{b} nodes {v:.3f}" for b, v in trees.items())
+        lines.append(f"  tokens per pass of the best tree (streams alone): {best}")
     return "\n".join(lines)
 
 

@@ -383,3 +383,45 @@ def test_stream_counts_top3_and_echo():
     streams[0, 2, 0, 7], streams[0, 2, 0, 6], streams[0, 2, 0, 0] = 5.0, 4.0, 3.0
     [(top3, echo, n)] = stream_counts(main, streams, ids, mask, head=lambda x: x)
     assert (top3, echo, n) == (2, 1, 3)
+
+
+def test_tree_metric_matches_a_brute_force_count_of_accepted_nodes():
+    # Random stream logits: the best tree of every budget, from the joint-rank histogram, equals
+    # an exhaustive search over prefix-closed trees scored by counting accepted nodes directly.
+    from itertools import combinations, product
+
+    from ss_mlx_convert.loss import TREE_WIDTH, best_tree_tokens, chain_acceptance
+
+    g = torch.Generator().manual_seed(0)
+    B, L, G, V = 3, 40, 2, 6
+    ids = torch.randint(0, V, (B, L), generator=g)
+    mask = (torch.rand(B, L, generator=g) > 0.2).long()
+    logits = torch.randn(B, L, G, V, generator=g) * 2
+    chain, count, hist = chain_acceptance(logits, ids, mask, chunk=7)
+    assert hist.shape == (TREE_WIDTH + 1,) * G and float(hist.sum()) == count > 0
+
+    n = L - 1 - G
+    ranks = []  # per scored position: the rank of each true token in its stream's ranking
+    for b, i in product(range(B), range(n)):
+        if mask[b, 1 + i] and mask[b, 1 + G + i]:
+            row = []
+            for j in range(G):
+                target = ids[b, i + 1 + (j + 1)]
+                row.append(int((logits[b, i, j] > logits[b, i, j, target]).sum()))
+            ranks.append(tuple(row))
+    assert len(ranks) == count
+    lead = [next((j for j, r in enumerate(rs) if r != 0), G) for rs in ranks]
+    assert chain == sum(lead)
+
+    nodes = [p for d in range(1, G + 1) for p in product(range(TREE_WIDTH), repeat=d)]
+    rate = {p: sum(rs[: len(p)] == p for rs in ranks) / count for p in nodes}
+    best = {}
+    for size in (1, 2, 3, 5):
+        top = 0.0
+        for tree in map(set, combinations(nodes, size)):
+            if all(p[:-1] in tree or len(p) == 1 for p in tree):
+                top = max(top, sum(rate[p] for p in tree))
+        best[size] = 1 + top
+    got = best_tree_tokens(hist, (1, 2, 3, 5))
+    assert got == pytest.approx({str(k): v for k, v in best.items()})
+

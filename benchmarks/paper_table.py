@@ -64,7 +64,8 @@ def recipe_text(work: Path) -> str:
     runs_file = work / "runs.json"
     runs = json.loads(runs_file.read_text()) if runs_file.is_file() else {}
     lines = ["Training (benchmarks/paper_recipe.py; LoRA rank 32 on all linear modules, lr 5e-4, "
-             f"batch and steps per task below; SS gamma = {STREAMS}, alpha_j = 0.1; Medusa "
+             "bf16 autocast, batch and steps per task below, held-out learning curves in "
+             f"paper_<task>_curves.md/png; SS gamma = {STREAMS}, alpha_j = 0.1; Medusa "
              f"{STREAMS} heads x 1 residual block on the frozen merged baseline; draft = the "
              f"baseline's first {DRAFT_LAYERS} layers, LoRA-distilled (batch 8); Medusa, SS "
              "lossless and the draft train on the baseline's greedy outputs for the training "
@@ -78,8 +79,14 @@ def recipe_text(work: Path) -> str:
                 lines.append(f"| {task} | {plan['steps']} x {plan['batch']} | "
                              f"{plan['stream_layers']} | {plan['draft_steps']} | "
                              f"{key.split('/', 1)[1]} | "
-                             f"{r['wall_s'] / 60:.1f} min |")
+                             f"{r['wall_s'] / 60:.1f} min{_resumed(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def _resumed(record: dict) -> str:
+    # A run carried across jobs: its wall time is the finishing job's share only.
+    step = record.get("resumed_from_step")
+    return f" (job resumed at step {step})" if step else ""
 
 
 def main(argv: list[str] | None = None) -> None:

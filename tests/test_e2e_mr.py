@@ -177,18 +177,14 @@ def test_recipe_distill_prompts(recipe):
 
 
 def test_recipe_continues_a_partial_distillation_and_refuses_a_stale_one(recipe, tmp_path):
-    out = tmp_path / "distilled.jsonl"
+    out, prompt_file = tmp_path / "distilled.jsonl", tmp_path / "distill_prompts.jsonl"
     rows = [{"prompt": p, "completion": "c"} for p in ("p1", "old")]
     out.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"prompt": "p2", "comp')
-    assert recipe._prepare_distill("e2e", tmp_path, ["p1", "p2"], {"synthesized": 1}) == out
+    assert recipe._prepare_distill("e2e", out, prompt_file, ["p1", "p2"]) == out
     # Rows of prompts no longer asked for and the torn last line go; distill answers the rest.
     assert [json.loads(x)["prompt"] for x in out.read_text().splitlines()] == ["p1"]
-    assert json.loads((tmp_path / "synth_mrs.json").read_text()) == {"synthesized": 1}
-    assert [
-        json.loads(x)["prompt"]
-        for x in (tmp_path / "distill_prompts.jsonl").read_text().splitlines()
-    ] == ["p1", "p2"]
+    assert [json.loads(x)["prompt"] for x in prompt_file.read_text().splitlines()] == ["p1", "p2"]
     out.with_name(out.name + ".done").write_text("ok\n")
-    assert recipe._prepare_distill("e2e", tmp_path, ["p1", "p2"], {"synthesized": 1}) == out
+    assert recipe._prepare_distill("e2e", out, prompt_file, ["p1", "p2"]) == out
     with pytest.raises(SystemExit, match="answers other prompts than this plan's"):
-        recipe._prepare_distill("e2e", tmp_path, ["p1"], None)
+        recipe._prepare_distill("e2e", out, prompt_file, ["p1"])

@@ -4,6 +4,12 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ss_mlx_convert.train_state import load_checkpoint, save_checkpoint  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,31 +24,43 @@ def _module(tmp_path, monkeypatch):
     return mod
 
 
-def _checkpoint(root: Path, step: int, payload: bytes) -> Path:
-    d = root / f"step-{step:08d}"
-    d.mkdir(parents=True)
-    (d / "state.pt").write_bytes(payload)
-    return d
+def _checkpoint(root: Path, step: int, value: float) -> Path:
+    state = {"step": step, "trainable": {"w": torch.full((3, 2), value)},
+             "optimizer": {"state": {}, "param_groups": []}, "scheduler": {}, "rng": {},
+             "args": {}}  # fmt: skip
+    return save_checkpoint(root, step, state, keep=0)
+
+
+def _value(step_dir: Path) -> float:
+    return float(load_checkpoint(step_dir)["trainable"]["w"][0, 0])
 
 
 def test_stash_keeps_only_the_newest_and_restore_brings_it_back(tmp_path, monkeypatch):
     mod = _module(tmp_path, monkeypatch)
     assert mod.stash("size-200") is None  # no checkpoint yet: nothing stashed
     ckpts = tmp_path / "work" / "size-200" / "checkpoints"
-    _checkpoint(ckpts, 50, b"fifty")
-    assert mod.stash("size-200") == tmp_path / "stash" / "size-200" / "step-00000050"
-    _checkpoint(ckpts, 100, b"hundred")
-    assert mod.stash("size-200").name == "step-00000100"
+    stashed = tmp_path / "stash" / "size-200"
+    _checkpoint(ckpts, 50, 0.5)
+    assert mod.stash("size-200") == stashed
+    _checkpoint(ckpts, 100, 1.0)
+    assert mod.stash("size-200") == stashed
     assert mod.stash("size-200") is None  # already stashed at that step
-    assert [p.name for p in (tmp_path / "stash" / "size-200").iterdir()] == ["step-00000100"]
+    assert (stashed / "stash.json").is_file() and not list(stashed.glob("step-*"))
 
-    # A new job: work/ is gone; restore puts the stashed step back for --resume.
+    # A new job: work/ is gone; restore rebuilds the stashed step for --resume.
     shutil.rmtree(tmp_path / "work")
     mod.restore("size-200")
-    assert (ckpts / "step-00000100" / "state.pt").read_bytes() == b"hundred"
+    assert mod._newest(ckpts).name == "step-00000100" and _value(ckpts / "step-00000100") == 1.0
 
     # A run that got further than the stash keeps its own newer checkpoint.
-    _checkpoint(ckpts, 150, b"newer")
+    _checkpoint(ckpts, 150, 1.5)
     mod.restore("size-200")
-    assert mod._newest(ckpts).name == "step-00000150"
-    assert (ckpts / "step-00000150" / "state.pt").read_bytes() == b"newer"
+    assert mod._newest(ckpts).name == "step-00000150" and _value(ckpts / "step-00000150") == 1.5
+
+    # A damaged stash stops the run with one line, and --stash replaces it.
+    (stashed / "stash.json").write_text("{")
+    shutil.rmtree(ckpts)
+    with pytest.raises(SystemExit, match="stash.json: damaged"):
+        mod.restore("size-200")
+    _checkpoint(ckpts, 200, 2.0)
+    assert mod.stash("size-200") == stashed

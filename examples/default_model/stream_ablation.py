@@ -10,9 +10,10 @@ MAX_CONVERSATIONS usable conversations, and share one trunk cache (`--cache-dir`
 (~220 tokens/s on 2 cores) is paid once for the largest size, and each point after it costs only
 its stream layers. Every stage resumes: a finished point is skipped (its result is committed),
 an interrupted run continues from its checkpoint. A point that outlasts one job (a session here
-ends after three hours and takes work/ with it): `--stash` copies each unfinished point's newest
-checkpoint (stream parameters + optimizer state, ~16 MB) to `data/streams/ablation/<point>/`, to
-commit; the next run restores it and resumes there.
+ends after three hours and takes work/ with it): `--stash` writes each unfinished point's newest
+checkpoint compactly (`ss_mlx_convert.stash`: float16 stream parameters, bfloat16 Adam moments,
+~8 MB) to `data/streams/ablation/<point>/`, to commit; the next run restores it and resumes there
+(exactly, up to that rounding).
 
 Results: `benchmarks/results/stream_ablation/<point>.json` (eval metrics, scored
 tokens, wall time, the exact command), and `stream_ablation.{md,json,png}` beside them.
@@ -119,33 +120,35 @@ def _step(ckpt: Path) -> int:
 
 
 def stash(name: str) -> Path | None:
-    """Copy the point's newest checkpoint to STASH/<name> (replacing the stashed one); None when
-    it has none or the stash is already that step."""
+    """Stash the point's newest checkpoint compactly in STASH/<name> (ss_mlx_convert.stash,
+    replacing the stashed one); None when it has none or the stash already holds that step."""
+    from ss_mlx_convert import stash as compact
+
     ckpt = _newest(RUNS / name / "checkpoints")
     if ckpt is None:
         return None
-    dest = STASH / name / ckpt.name
-    if dest.is_dir():
-        return None
-    tmp = STASH / name / f".{ckpt.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(ckpt, tmp)
-    for old in (STASH / name).glob("step-*"):
-        shutil.rmtree(old)
-    tmp.rename(dest)
-    return dest
+    try:
+        if compact.stashed_step(STASH / name) == _step(ckpt):
+            return None
+    except compact.StashError:
+        pass  # a damaged stash is replaced
+    return compact.stash(ckpt, STASH / name)
 
 
 def restore(name: str) -> None:
-    """Put the stashed checkpoint back under the run when the run has none as new."""
-    stashed = _newest(STASH / name)
-    if stashed is None:
-        return
-    have = _newest(RUNS / name / "checkpoints")
-    if have is None or _step(have) < _step(stashed):
-        (RUNS / name / "checkpoints").mkdir(parents=True, exist_ok=True)
-        shutil.copytree(stashed, RUNS / name / "checkpoints" / stashed.name, dirs_exist_ok=True)
-        print(f"{name}: resuming from the stashed {stashed.name}", flush=True)
+    """Rebuild the stashed checkpoint under the run when the run has none as new."""
+    from ss_mlx_convert import stash as compact
+
+    try:
+        stashed = compact.stashed_step(STASH / name)
+        if stashed is None:
+            return
+        have = _newest(RUNS / name / "checkpoints")
+        if have is None or _step(have) < stashed:
+            compact.restore(STASH / name, RUNS / name / "checkpoints")
+            print(f"{name}: resuming from the stashed step {stashed}", flush=True)
+    except compact.StashError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def report(records: list[dict], out: Path) -> None:
@@ -199,7 +202,7 @@ def main() -> None:
     p.add_argument(
         "--stash",
         action="store_true",
-        help="copy unfinished points' newest checkpoints to data/streams/ablation and exit",
+        help="stash unfinished points' newest checkpoints in data/streams/ablation and exit",
     )
     args = p.parse_args()
     if args.list:

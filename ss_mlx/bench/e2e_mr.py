@@ -225,9 +225,12 @@ def synthesize_mrs(
     )
 
 
-def synthesize_e2e(n: int, seed: int = 0, root: str | Path | None = None) -> Synthesis:
+def synthesize_e2e(
+    n: int, seed: int = 0, root: str | Path | None = None, exclude: Iterable[MR] = ()
+) -> Synthesis:
     """``n`` new MRs from the E2E task's dev file; its held-out test file is read only so that
-    no synthesized MR equals a test MR."""
+    no synthesized MR equals a test MR. MRs in ``exclude`` (dev MRs held out for validation)
+    are neither drawn from nor synthesized: the recombination sees only the remaining dev MRs."""
     task = get_task("e2e")
     base = data_root(root)
     paths = [base / task.train_file, base / task.eval_file]
@@ -237,8 +240,16 @@ def synthesize_e2e(n: int, seed: int = 0, root: str | Path | None = None) -> Syn
                 f"E2E MR synthesis reads {path}, which does not exist; "
                 f"{missing_root_hint(root, rel)}"
             )
-    syn = synthesize_mrs(read_mrs(paths[0]), n, seed, exclude=read_mrs(paths[1]))
+    held = set(exclude)
+    dev = [m for m in read_mrs(paths[0]) if m not in held]
+    test = read_mrs(paths[1])
+    syn = synthesize_mrs(dev, n, seed, exclude=[*test, *held])
     syn.meta = {"dev_file": str(paths[0]), "excluded_file": str(paths[1])}
+    if held:
+        # synthesize_mrs counted the held-out MRs with the test ones; report them apart.
+        stats = MRStats.from_mrs(dev)
+        syn.test_excluded = sum(stats.covers(m) for m in set(test) - set(dev) - held)
+        syn.meta["held_out_dev_mrs"] = len(held)
     return syn
 
 

@@ -115,7 +115,13 @@ def _pairs(task: Task, rel: str, root: str | Path | None) -> list[tuple[str, str
 
 def train_rows(task: Task, root: str | Path | None = None) -> list[dict[str, str]]:
     """``{"prompt", "completion"}`` rows of the task's training file, in file order."""
-    return [{"prompt": p, "completion": c} for p, c in _pairs(task, task.train_file, root)]
+    return file_rows(task, task.train_file, root)
+
+
+def file_rows(task: Task, rel: str, root: str | Path | None = None) -> list[dict[str, str]]:
+    """``{"prompt", "completion"}`` rows of any file of the task's format (e.g. a validation
+    split), ``rel`` relative to the data root, in file order."""
+    return [{"prompt": p, "completion": c} for p, c in _pairs(task, rel, root)]
 
 
 def eval_items(task: Task, root: str | Path | None = None, n: int | None = None) -> list[EvalItem]:

@@ -323,21 +323,34 @@ def _restore_training(key: str, run: Path, stash_dir: Path) -> None:
         sys.exit(f"[{key}] {e}")
 
 
-def _stash_final(key: str, run: Path, stash_dir: Path) -> None:
-    """Keep a finished run's final parameters (no optimizer moments) and drop its resume/."""
+def _stash_final(key: str, run: Path, stash_dir: Path) -> bool:
+    """Keep a finished run's final parameters (no optimizer moments) and drop its resume/;
+    False when the run left no checkpoint to keep."""
     from ss_mlx_convert import stash as compact
     from ss_mlx_convert.train_state import list_checkpoints
 
     found = list_checkpoints(run / "checkpoints")
     if not found:
         print(f"[{key}] no checkpoint to keep: a later job will train it again", flush=True)
-        return
+        return False
     try:
         compact.stash(found[-1], stash_dir / "final", moments=False)
     except compact.StashError as e:
         sys.exit(f"[{key}] {e}")
     shutil.rmtree(stash_dir / "resume", ignore_errors=True)
     print(f"[{key}] final parameters kept in {stash_dir / 'final'}", flush=True)
+    return True
+
+
+def _rebuild_from_final(key: str, step: Step, stash_dir: Path) -> None:
+    """Rewrite a just-trained step's output from its kept (fp16) final parameters, so the
+    models later steps build on are the same in this job as in any later one that rebuilds
+    them from the stash (the baseline above all: every lossless method copies its output)."""
+    shutil.rmtree(step.out / "checkpoints", ignore_errors=True)
+    _restore_training(key, step.out, stash_dir)
+    rc = subprocess.call([*step.cmd, "--resume"])
+    if rc != 0:
+        sys.exit(f"[{key}] rebuilding the output from {stash_dir / 'final'} failed ({rc})")
 
 
 def _stash_resume(key: str, run: Path, stash_dir: Path) -> None:
@@ -488,7 +501,8 @@ def run_step(work: Path, task: str, step: Step, stash_root: Path = STASH) -> Non
         # its record and final stash stay those of the job that trained it.
         if start < _max_steps(cmd) or not (task_root / step.name / "final").is_dir():
             _record(work, stash_root, key, time.perf_counter() - t0, start)
-            _stash_final(key, step.out, task_root / step.name)
+            if _stash_final(key, step.out, task_root / step.name):
+                _rebuild_from_final(key, step, task_root / step.name)
         return
     _record(work, stash_root, key, time.perf_counter() - t0, start)
     if step.name in DISTILLS:

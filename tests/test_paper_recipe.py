@@ -157,7 +157,11 @@ def test_training_step_carries_across_jobs(recipe, tmp_path, monkeypatch):
 
     fake.stop = None  # the next job restores step 50 and finishes
     recipe.run_step(work, "e2e", step, stash)
-    assert fake.starts[-1] == (50, True)
+    # Trained from step 50, then its output rewritten from the kept fp16 final parameters (the
+    # same model a later job rebuilds).
+    assert fake.starts[-2:] == [(50, True), (100, True)]
+    restored = load_checkpoint(list_checkpoints(run / "checkpoints")[-1])
+    assert float(restored["trainable"]["w"][0, 0]) == 100.0
     assert step.done.exists() and (run / "config.json").is_file()
     assert [r["step"] for r in read_curve(run / CURVE_FILE)] == [50, 100]  # one curve
     assert not (kept / "resume").exists() and stashed_step(kept / "final") == 100
@@ -168,7 +172,7 @@ def test_training_step_carries_across_jobs(recipe, tmp_path, monkeypatch):
     assert json.loads((work / "runs.json").read_text()) == runs
 
     recipe.run_step(work, "e2e", step, stash)  # done: nothing runs
-    assert len(fake.starts) == 2
+    assert len(fake.starts) == 3
 
     shutil.rmtree(work)  # a later job rebuilds the finished step's output without training
     before = (kept / "final" / "stash.json").read_bytes()

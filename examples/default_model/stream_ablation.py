@@ -154,7 +154,8 @@ def restore(name: str) -> None:
 def report(records: list[dict], out: Path) -> None:
     G = max(r["settings"]["streams"] for r in records)
     head = ["point", "scored tokens", *(f"s{j} top-1 / top-3" for j in range(1, G + 1)),
-            "s1 echo", "tokens/pass (chain)", "precision", "train min"]  # fmt: skip
+            "s1 echo", "tokens/pass (chain)", "tokens/pass (best 16-node tree)", "precision",
+            "train min"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         e = r["eval"]
@@ -166,7 +167,10 @@ def report(records: list[dict], out: Path) -> None:
             )  # fmt: skip
         precision = "bf16 autocast" if r["settings"].get("autocast") == "bfloat16" else "fp32"
         minutes = f"{r['wall_s'] / 60:.0f} ({r.get('machine', 'amd-epyc')})"
+        # The tree column exists for points evaluated since the eval reports it.
+        tree = e.get("tree_tokens_per_pass", {}).get("16")
         cells += [f"{e['stream1_echo']:.1%}", f"{1 + e['accepted_streams_mean']:.2f}",
+                  "-" if tree is None else f"{tree:.2f}",
                   precision, minutes]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     write_text(out / "stream_ablation.md", "\n".join(lines) + "\n")

@@ -176,12 +176,15 @@ def test_end_to_end_sampling_matches_model(rule, tree, prompt):
     counts = Counter()
     verified_drafts = 0
     for _ in range(n):
+        # The dynamic tree learns from each generation and stops drafting what keeps failing;
+        # start every run from its priors so the check keeps covering drafted passes.
+        model.__dict__.pop("_hybrid_stats", None)
         steps = list(ss_generate_step(
             mx.array(prompt), model, max_tokens=2, tree=tree, sampler=cfg, accept_rule=rule
         ))
         counts[tuple(s.token for s in steps)] += 1
         verified_drafts += any(s.tree_size > 1 for s in steps)
-    assert verified_drafts > n // 10  # the check covers passes that verified drafts
+    assert verified_drafts > n // 10, verified_drafts  # covers passes that verified drafts
     ok, pval = chi_square_ok(counts, model_pair_probs(model, prompt, cfg), n)
     if rule == "typical":
         assert not ok, f"typical acceptance looked exact (p = {pval:.3f})"

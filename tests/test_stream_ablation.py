@@ -64,3 +64,23 @@ def test_stash_keeps_only_the_newest_and_restore_brings_it_back(tmp_path, monkey
         mod.restore("size-200")
     _checkpoint(ckpts, 200, 2.0)
     assert mod.stash("size-200") == stashed
+
+
+def test_a_points_epochs_set_its_steps_and_are_no_trainer_flag(tmp_path, monkeypatch):
+    # run_point's command for a one-epoch point: steps = conversations / batch 4, and "epochs"
+    # (the script's own knob) never reaches `ss-mlx train` as a flag.
+    mod = _module(tmp_path, monkeypatch)
+    seen = []
+
+    def fake_run(cmd, check):
+        seen.append(cmd)
+        raise RuntimeError("stop before the record")  # the command is what this test needs
+
+    monkeypatch.setattr(mod.subprocess, "run", fake_run)
+    for name, steps in (("size-7000-ns8", 7000 // 4), ("size-2100", 2 * 2100 // 4)):
+        with pytest.raises(RuntimeError, match="stop before"):
+            mod.run_point(name, "base", tmp_path / "d.jsonl", tmp_path / "e.jsonl", tmp_path)
+        cmd = seen[-1]
+        assert cmd[cmd.index("--max-steps") + 1] == str(steps)
+        assert "--epochs" not in cmd
+    assert seen[0][seen[0].index("--stream-layers") + 1] == "8"

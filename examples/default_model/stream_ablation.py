@@ -3,8 +3,8 @@
     python examples/default_model/stream_ablation.py [--points size-200,size-400,...] [--list]
 
 Each point is one `ss-mlx train` run (lossless, EAGLE's fixed-text recipe: ShareGPT
-conversations labelled with the frozen base's own predictions, `--targets base`), two epochs,
-evaluated on the 48 held-out distilled answers (16 Vicuna-bench, 16 wwdc25 valid, 16 IFEval;
+conversations labelled with the frozen base's own predictions, `--targets base`), two epochs
+unless the point says otherwise, evaluated on the 48 held-out distilled answers (16 Vicuna-bench, 16 wwdc25 valid, 16 IFEval;
 `prompts.py` + `ss-mlx distill`, as in build.sh). All points read one data file, the first
 MAX_CONVERSATIONS usable conversations, and share one trunk cache (`--cache-dir`): the trunk pass
 (~220 tokens/s on 2 cores) is paid once for the largest size, and each point after it costs only
@@ -43,6 +43,7 @@ SEQ = 512
 BASE_ARGS = {"streams": 4, "stream-layers": 4, "adapter-rank": 8}
 ABLATION_SIZE = 2100
 BF16 = {"autocast": "bfloat16"}
+EPOCHS = 2  # per point unless its overrides say "epochs"
 # name -> (conversations, overrides); the size points are the scaling curve, the others the
 # ablation. The ablation runs at 2,100 conversations (~600K tokens), not at the largest size:
 # there each run costs hours of this CPU, and the trunk cache it shares with size-2100
@@ -56,6 +57,11 @@ POINTS: dict[str, tuple[int, dict[str, int | str]]] = {
     "size-700": (700, {}),
     "size-2100": (ABLATION_SIZE, BF16),
     "size-7000": (7000, BF16),
+    # Ns 8 beat Ns 4 by 11 points of stream-1 top-1 at 2,100 conversations (ns-8): the largest
+    # size at Ns 8, one epoch, which fits one three-hour job (~2.7 h here) without the trunk
+    # cache that a job's end takes with it; ns-12 asks whether more stream layers keep paying.
+    "size-7000-ns8": (7000, {"stream-layers": 8, "epochs": 1, **BF16}),
+    "ns-12": (ABLATION_SIZE, {"stream-layers": 12, **BF16}),
     "gamma-3": (ABLATION_SIZE, {"streams": 3, **BF16}),
     "ns-8": (ABLATION_SIZE, {"stream-layers": 8, **BF16}),
     "rank-32": (ABLATION_SIZE, {"adapter-rank": 32, **BF16}),
@@ -74,9 +80,10 @@ def scored_tokens(data: Path, n: int, base: str) -> int:
 def run_point(name: str, base: str, data: Path, evalset: Path, out: Path) -> dict:
     n, overrides = POINTS[name]
     settings = {**BASE_ARGS, **overrides}
+    epochs = int(settings.pop("epochs", EPOCHS))
     run = RUNS / name
     restore(name)
-    steps = max(20, 2 * n // 4)  # two epochs at batch 4
+    steps = max(20, epochs * n // 4)  # at batch 4
     cmd = ["ss-mlx", "train", "--model", base, "--data", str(data), "--eval", str(evalset),
            "--mode", "lossless", *(x for k, v in settings.items() for x in (f"--{k}", str(v))),
            "--targets", "base", "--stream-positions", "96", "--max-seq-len", str(SEQ),
@@ -95,6 +102,7 @@ def run_point(name: str, base: str, data: Path, evalset: Path, out: Path) -> dic
         "conversations": n,
         "scored_tokens": scored_tokens(data, n, base),
         "settings": settings,
+        "epochs": epochs,
         "steps": steps,
         "wall_s": round(time.time() - t0, 1),
         "machine": machine_slug().removeprefix("linux-x86-64-"),

@@ -11,11 +11,11 @@ Plain Python (no torch): benchmarks/learning_curve.py reads curves with `read_cu
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
+from ss_mlx.bench.datasets import read_jsonl
 from ss_mlx.files import write_jsonl
 
 CURVE_FILE = "eval_curve.jsonl"
@@ -44,15 +44,8 @@ def curve_record(step: int, metrics: dict[str, Any], wall_s: float) -> dict[str,
 def read_curve(path: Path) -> list[dict[str, Any]]:
     """The records of a curve file; ValueError (one line naming file and line) if malformed."""
     records: list[dict[str, Any]] = []
-    text = path.read_text(encoding="utf-8")
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-        step = record.get("step") if isinstance(record, dict) else None
+    for n, record in read_jsonl(path):
+        step = record.get("step")
         if not isinstance(step, int) or isinstance(step, bool) or step < 1:
             raise ValueError(f"{path}:{n}: expected an object with a positive integer 'step'")
         if records and step <= records[-1]["step"]:

@@ -176,3 +176,15 @@ def write_medusa(model_dir, num_heads=3, num_layers=1, shared=True, seed=0, dim=
 def write_prompts(path, prompts=PROMPTS):
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """PyTorch on one thread for the test (the test machine is small and shared: one thread is
+    several times faster than two); torch is imported only by the tests that ask for it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,15 +20,7 @@ from ss_mlx_convert.learning_curve import CURVE_FILE, read_curve  # noqa: E402
 from ss_mlx_convert.stash import StashError, restore, stash, stashed_step  # noqa: E402
 from ss_mlx_convert.train_state import list_checkpoints, load_checkpoint  # noqa: E402
 
-pytestmark = pytest.mark.torch
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

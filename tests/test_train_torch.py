@@ -21,18 +21,9 @@ from ss_mlx_convert import train as train_cli  # noqa: E402
 from ss_mlx_convert.data import DataError, collate, epoch_batches, load_examples  # noqa: E402
 from ss_mlx_convert.pretrained import load_trained  # noqa: E402
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("one_torch_thread")]
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
 G, NS = 3, 2
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine is small and shared: one thread is several times faster than two.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _row(rng: random.Random) -> dict:

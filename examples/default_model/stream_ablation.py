@@ -2,17 +2,17 @@
 
     python examples/default_model/stream_ablation.py [--points size-200,size-400,...] [--list]
 
-Each point is one `ss-mlx train` run (lossless, EAGLE's fixed-text recipe: ShareGPT
-conversations labelled with the frozen base's own predictions, `--targets base`), two epochs
-unless the point says otherwise, evaluated on the 48 held-out distilled answers (16 Vicuna-bench, 16 wwdc25 valid, 16 IFEval;
-`prompts.py` + `ss-mlx distill`, as in build.sh). All points read one data file, the first
+Each point is one `ss-mlx train` run (lossless, EAGLE's fixed-text recipe: ShareGPT conversations
+labelled with the frozen base's own predictions, `--targets base`), two epochs unless the point says
+otherwise, evaluated on the 48 held-out distilled answers (16 Vicuna-bench, 16 wwdc25 valid, 16
+IFEval; `prompts.py` + `ss-mlx distill`, as in build.sh). All points read one data file, the first
 MAX_CONVERSATIONS usable conversations, and share one trunk cache (`--cache-dir`): the trunk pass
-(~220 tokens/s on 2 cores) is paid once for the largest size, and each point after it costs only
-its stream layers. Every stage resumes: a finished point is skipped (its result is committed),
-an interrupted run continues from its checkpoint. A point that outlasts one job (a session here
-ends after three hours and takes work/ with it): `--stash` writes each unfinished point's newest
-checkpoint compactly (`ss_mlx_convert.stash`: float16 stream parameters, bfloat16 Adam moments,
-~8 MB) to `data/streams/ablation/<point>/`, to commit; the next run restores it and resumes there
+(~220 tokens/s on 2 cores) is paid once for the largest size, and each point after it costs only its
+stream layers. Every stage resumes: a finished point is skipped (its result is committed), an
+interrupted run continues from its checkpoint. A point that outlasts one job (a session here ends
+after three hours and takes work/ with it): `--stash` writes each unfinished point's newest
+checkpoint compactly (`ss_mlx_convert.stash`: float16 stream parameters, bfloat16 Adam moments, ~8
+MB) to `data/streams/ablation/<point>/`, to commit; the next run restores it and resumes there
 (exactly, up to that rounding).
 
 Results: `benchmarks/results/stream_ablation/<point>.json` (eval metrics, scored

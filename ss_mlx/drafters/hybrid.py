@@ -15,12 +15,13 @@ sources) and every node gets an estimated probability of being accepted:
   prior).
 
 Then the nodes of the next pass and the number of streams it computes are chosen to maximise
-expected tokens per unit of cost, ``(1 + sum of the chosen nodes' probabilities + expected
-stream gain) / (cost(rows) + cost of verifying that gain next pass)``, with the pass cost by row
-count from ``ss-mlx tune``'s measurement of this machine (or a default curve). A node is kept only when it pays for itself, down to a
-root-only pass without streams, which runs mlx-lm's own one-token forward (the cost of plain
-autoregressive decoding). Verification is the loop's, so output is exactly as lossless as the
-rule; the drafts carry no distribution, so at temperature > 0 the exact "simple" rule is used.
+expected tokens per unit of cost, ``(1 + sum of the chosen nodes' probabilities + expected stream
+gain) / (cost(rows) + cost of verifying that gain next pass)``, with the pass cost by row count from
+``ss-mlx tune``'s measurement of this machine (or a default curve). A node is kept only when it pays
+for itself, down to a root-only pass without streams, which runs mlx-lm's own one-token forward (the
+cost of plain autoregressive decoding). Verification is the loop's, so output is exactly as lossless
+as the rule; the drafts carry no distribution, so at temperature > 0 the exact "simple" rule is
+used.
 """
 
 from collections import OrderedDict

@@ -14,7 +14,7 @@ from hf_tiny import make_tiny_hf, make_tiny_tokenizer  # noqa: E402
 from ss_mlx_convert import distill  # noqa: E402
 from ss_mlx_convert import distill_sources as sources  # noqa: E402
 from ss_mlx_convert.data import DataError  # noqa: E402
-from ss_mlx_convert.fastgen import generate_greedy  # noqa: E402
+from ss_mlx_convert.fastgen import generate_greedy, shared_prefix  # noqa: E402
 from ss_mlx_convert.shards import (  # noqa: E402
     Record,
     ShardError,
@@ -66,6 +66,26 @@ def test_fast_greedy_equals_hf_generate_one_at_a_time(tiny):
     for p, gen in zip(prompts, gens, strict=True):
         assert gen.ids == hf_greedy(model, p, 12)
         assert gen.finish == ("eos" if len(gen.ids) < 12 else "length")
+
+
+def test_fast_greedy_reuses_a_shared_prefix_exactly(tiny):
+    model, _ = tiny
+    g = torch.Generator().manual_seed(1)
+    head = torch.randint(4, 90, (7,), generator=g).tolist()  # a "system turn" all prompts share
+    tails = [torch.randint(4, 90, (int(n),), generator=g).tolist() for n in (20, 1, 6, 3, 11)]
+    prompts = [head + t for t in tails]
+    assert shared_prefix(prompts) == 7
+    # Lengths out of order: admission is shortest first, results come back in the caller's order.
+    gens = generate_greedy(model, prompts, 9, [EOS], batch_size=2)
+    for p, gen in zip(prompts, gens, strict=True):
+        assert gen.ids == hf_greedy(model, p, 9)
+
+
+def test_shared_prefix_leaves_every_prompt_a_token():
+    assert shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix([[9, 2], [1, 2]]) == 0
+    assert shared_prefix([[5]]) == 0
 
 
 def test_fast_greedy_stops_at_eos(tiny):

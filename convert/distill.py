@@ -37,12 +37,14 @@ from .shards import (
     MANIFEST,
     Record,
     ShardError,
+    digest_files,
     read_manifest,
     read_shard,
     remove_temp_files,
     sha256_file,
     shard_name,
     summarize,
+    tokenizer_digest,
     write_json_atomic,
     write_shard,
 )
@@ -323,13 +325,6 @@ def source_files(spec: str) -> list[str]:
     return list(dict.fromkeys(files))
 
 
-def _digest(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(sha256_file(p).encode())
-    return h.hexdigest()
-
-
 def model_info(model_dir: Path) -> dict[str, Any]:
     weights = sorted(
         p for p in model_dir.glob("*.safetensors") if not p.name.startswith("speculative_streams")
@@ -340,9 +335,8 @@ def model_info(model_dir: Path) -> dict[str, Any]:
         prepared = json.loads(marker.read_text())
         info.update(name=prepared.get("model", model_dir.name), prepared_from=prepared)
     info["weights"] = [p.name for p in weights]
-    info["weights_sha256"] = _digest(*weights) if weights else None
-    tok_files = [model_dir / n for n in ("tokenizer.json", "tokenizer_config.json")]
-    info["tokenizer_sha256"] = _digest(*[p for p in tok_files if p.is_file()])
+    info["weights_sha256"] = digest_files(*weights) if weights else None
+    info["tokenizer_sha256"] = tokenizer_digest(model_dir)
     return info
 
 

@@ -217,6 +217,70 @@ def load_shards(folder: str | Path, verify: bool = True) -> Iterator[Record]:
         yield from recs
 
 
+def digest_files(*paths: Path) -> str:
+    """One sha256 over several files (each file's sha256, in order): how a manifest names the
+    model weights and the tokenizer it distilled with."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def tokenizer_digest(model_dir: str | Path) -> str:
+    return digest_files(*(p for n in TOKENIZER_FILES if (p := Path(model_dir) / n).is_file()))
+
+
+def template_suffix(tokenizer: Any, eos_id: int) -> list[int]:
+    """The ids a chat template writes after an assistant turn's stop token (ChatML: "\n")."""
+    template = getattr(tokenizer, "chat_template", None)
+    eos = tokenizer.convert_ids_to_tokens(eos_id)
+    if not template or not isinstance(eos, str):
+        return []
+    chat = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    text = tokenizer.apply_chat_template(chat, tokenize=False)
+    at = text.rfind(eos)
+    tail = text[at + len(eos) :] if at >= 0 else ""
+    return list(tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail else []
+
+
+def training_examples(folder: str | Path, tokenizer: Any, max_seq_len: int) -> list:
+    """A run folder as the trainer's examples, with the exact generated ids (`to_examples`).
+
+    The ids mean something only to the tokenizer they were made with: the manifest's chat
+    template and (when the tokenizer was loaded from a folder) its files must match.
+    """
+    from .data import Example
+
+    folder = Path(folder)
+    cfg = read_manifest(folder).get("config", {})
+    template = getattr(tokenizer, "chat_template", None)
+    if cfg.get("chat_template_sha256") and template is not None:
+        if hashlib.sha256(template.encode()).hexdigest() != cfg["chat_template_sha256"]:
+            raise ShardError(f"{folder}: distilled with another chat template than this model's")
+    source = Path(str(getattr(tokenizer, "name_or_path", "")))
+    if cfg.get("tokenizer_sha256") and source.is_dir():
+        if tokenizer_digest(source) != cfg["tokenizer_sha256"]:
+            raise ShardError(f"{folder}: distilled with another tokenizer than {source}'s")
+    eos_ids = cfg.get("eos_ids") or []
+    if not eos_ids:
+        raise ShardError(f"{folder}: the manifest names no stop token (config.eos_ids)")
+    examples = to_examples(load_shards(folder), eos_ids[0], template_suffix(tokenizer, eos_ids[0]))
+    return [Example(e.input_ids[:max_seq_len], e.loss_mask[:max_seq_len]) for e in examples]
+
+
+def read_training_data(path: str | Path, tokenizer: Any, max_seq_len: int, chat: bool) -> list:
+    """Training or eval examples from a JSONL file (`load_examples`) or a distilled-shards
+    folder (`training_examples`)."""
+    from .data import load_examples
+
+    if Path(path).is_dir():
+        return training_examples(path, tokenizer, max_seq_len)
+    return load_examples(path, tokenizer, max_seq_len, chat)
+
+
 def to_examples(records: list[Record] | Iterator[Record], eos_id: int, suffix: list[int]) -> list:
     """Trainer examples with the exact generated ids (no decode/re-encode round trip).
 

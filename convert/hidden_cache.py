@@ -29,14 +29,18 @@ from ss_mlx.files import atomic_write
 from .loss import term_metrics
 from .modeling import BaseOutput, default_position_ids
 
-# 2: one layer's input per token (1 stored all Ns stream layers' inputs).
-FORMAT = "ss-mlx frozen-base cache 2"
+# 3: also the base's top-K next-token distribution per target, in fp32 (in fp16, rounding flips
+# of batched-apart trunks moved training 20x more than fp32 noise); 2 had the argmax only; 1
+# stored all Ns stream layers' inputs.
+FORMAT = "ss-mlx frozen-base cache 3"
+SOFT_TOP_K = 8  # tokens of the base's distribution kept per position (`--targets soft`)
 
 
 class FrozenBaseCache:
     def __init__(self, path: str | Path | None = None, key: str = "") -> None:
         # example index -> (first stream layer's input (L_i, D), main nll (L_i-1,), main hit
-        # (L_i-1,), the base's own next-token prediction at each position (L_i-1,))
+        # (L_i-1,), the base's own next-token prediction at each position (L_i-1,), its top-K
+        # tokens (L_i-1, K) and their probabilities (L_i-1, K))
         self._store: dict[int, tuple[torch.Tensor, ...]] = {}
         self.path = None if path is None else Path(path)
         self.key = key
@@ -62,7 +66,7 @@ class FrozenBaseCache:
             "states": torch.cat([self._store[i][0] for i in order]).contiguous(),
             **{
                 name: torch.cat([self._store[i][k] for i in order]).contiguous()
-                for k, name in ((1, "nll"), (2, "hit"), (3, "pred"))
+                for k, name in ((1, "nll"), (2, "hit"), (3, "pred"), (4, "top_ids"), (5, "top_p"))
             },
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +91,8 @@ class FrozenBaseCache:
                     t["nll"][b : b + n - 1],
                     t["hit"][b : b + n - 1],
                     t["pred"][b : b + n - 1],
+                    t["top_ids"][b : b + n - 1],
+                    t["top_p"][b : b + n - 1],
                 )
                 a, b = a + n, b + n - 1
             if a != t["states"].shape[0] or b != t["pred"].shape[0]:
@@ -110,19 +116,19 @@ class FrozenBaseCache:
         dtype = next(core.base.parameters()).dtype
         for b, i in enumerate(idx):
             n = int(batch["lengths"][b])
-            nll, hit, pred = _main_stats(
-                core, out.main_hidden[b, : n - 1], batch["input_ids"][b, 1:n]
-            )
+            stats = main_stats(core, out.main_hidden[b, : n - 1], batch["input_ids"][b, 1:n])
             # In the trunk's own dtype: under bf16 autocast an fp32 trunk's states come out
             # bf16, and the stream layers read them as the trunk would.
-            self._store[i] = (first[b, :n].to(dtype).clone(), nll, hit, pred)
+            self._store[i] = (first[b, :n].to(dtype).clone(), *stats)
 
     def lookup(
         self, core: torch.nn.Module, batch: dict[str, torch.Tensor], idx: list[int]
-    ) -> tuple[BaseOutput, dict[str, float], torch.Tensor]:
-        """Cached BaseOutput (logits None) for a right-padded batch, its main-stream metrics, and
-        the base's own targets: (B, L) ids whose position k+1 holds the base's prediction at k
-        (position 0 keeps the input id), the labels of `--targets base`."""
+    ) -> tuple[BaseOutput, dict[str, float], torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Cached BaseOutput (logits None) for a right-padded batch, its main-stream metrics, the
+        base's own targets: (B, L) ids whose position k+1 holds the base's prediction at k
+        (position 0 keeps the input id), the labels of `--targets base`; and its soft targets
+        aligned alike, (B, L, K) top-K ids and probabilities (`--targets soft`; position 0 and
+        padding: the input id with probability 1)."""
         missing = [b for b, i in enumerate(idx) if i not in self._store]
         if missing:
             sub = {k: v[missing] for k, v in batch.items()}
@@ -135,30 +141,45 @@ class FrozenBaseCache:
         nll = torch.zeros(B, L - 1)
         hit = torch.zeros(B, L - 1, dtype=torch.bool)
         own = batch["input_ids"].clone().cpu()
+        top_ids, top_p = one_hot_soft(own, self._store[idx[0]][4].shape[1])
         for b, i in enumerate(idx):
-            s, n_, h_, p_ = self._store[i]
+            s, n_, h_, p_, ti, tp = self._store[i]
             states[b, : s.shape[0]] = s
             nll[b, : n_.shape[0]] = n_
             hit[b, : h_.shape[0]] = h_
             own[b, 1 : 1 + p_.shape[0]] = p_.long()
+            top_ids[b, 1 : 1 + ti.shape[0]] = ti.long()
+            top_p[b, 1 : 1 + tp.shape[0]] = tp.float()
         mask = batch["loss_mask"][:, 1:].bool().cpu()
         n = int(mask.sum())
         loss = float(nll[mask].mean()) if n else 0.0
         metrics = term_metrics("main", loss, n, int(hit[mask].sum()))
         position_ids = default_position_ids(batch["input_ids"], batch["attention_mask"])
         inputs = core.main_layer_inputs(states, position_ids)  # Ns x (B, L, D)
-        return BaseOutput(None, inputs, position_ids), metrics, own.to(batch["input_ids"].device)
+        device = batch["input_ids"].device
+        soft = (top_ids.to(device), top_p.to(device))
+        return BaseOutput(None, inputs, position_ids), metrics, own.to(device), soft
 
 
-def _main_stats(
+def one_hot_soft(ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft targets that are the ids themselves: (B, L, k) ids (the id k times) and probabilities
+    (1 on the first, 0 on the rest)."""
+    top_ids = ids[..., None].repeat(*([1] * ids.ndim), k)
+    top_p = torch.zeros(top_ids.shape, dtype=torch.float32, device=ids.device)
+    top_p[..., 0] = 1.0
+    return top_ids, top_p
+
+
+def main_stats(
     core: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, rows: int = 512
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Main-stream nll, hit and prediction (n,) each, for LM-head inputs (n, D) and targets (n,).
+) -> tuple[torch.Tensor, ...]:
+    """Main-stream nll, hit and prediction (n,) each, and the top-K ids (n, K, int32) and
+    probabilities (n, K, float32), for LM-head inputs (n, D) and targets (n,).
 
     In chunks of rows: a (rows, V) block of logits at a time instead of (B, L, V) (0.8 GB at
     4 x 1024 positions and SmolLM2's 49K vocabulary), which ran the fill at a third of the speed.
     """
-    nll, hit, pred = [], [], []
+    nll, hit, pred, top_ids, top_p = [], [], [], [], []
     for k in range(0, hidden.shape[0], rows):
         logits = core.lm_head(hidden[k : k + rows]).float()  # (r, V)
         tg = targets[k : k + rows]
@@ -166,4 +187,7 @@ def _main_stats(
         p = logits.argmax(-1)
         hit.append(p == tg)
         pred.append(p.to(torch.int32))
-    return torch.cat(nll), torch.cat(hit), torch.cat(pred)
+        probs, ids = logits.softmax(-1).topk(min(SOFT_TOP_K, logits.shape[-1]), dim=-1)  # (r, K)
+        top_ids.append(ids.to(torch.int32))
+        top_p.append(probs)
+    return tuple(torch.cat(x) for x in (nll, hit, pred, top_ids, top_p))

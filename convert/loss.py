@@ -7,16 +7,21 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+Soft = tuple[torch.Tensor, torch.Tensor]  # top-K target ids (..., K) and their probabilities
+
 
 def masked_ce(
     logits: torch.Tensor,
     targets: torch.Tensor,
     mask: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    soft: Soft | None = None,
 ) -> tuple[torch.Tensor, int, int]:
     """Mean CE over mask==1 positions, their count and the number of top-1 hits.
 
     logits (..., V) (or (..., D) LM-head inputs when `head` is given), targets/mask (...).
+    With `soft` ((..., K) ids, (..., K) probabilities) the CE is against that distribution,
+    renormalised over its K tokens (HASS's top-K distillation); hits still count `targets`.
     An empty mask gives a zero loss that still has a graph.
     """
     sel = mask.bool()
@@ -27,7 +32,12 @@ def masked_ce(
     rows = logits[sel]
     lg = (rows if head is None else head(rows)).float()  # (n, V)
     tg = targets[sel]
-    loss = F.cross_entropy(lg, tg)
+    if soft is None:
+        loss = F.cross_entropy(lg, tg)
+    else:
+        ids, p = soft[0][sel], soft[1][sel].float()  # (n, K)
+        p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+        loss = -(p * lg.log_softmax(-1).gather(-1, ids)).sum(-1).mean()
     correct = int((lg.argmax(-1) == tg).sum())
     return loss, n, correct
 
@@ -43,6 +53,7 @@ def ss_loss(
     exit_weight: float = 0.1,
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     anchors: torch.Tensor | None = None,
+    soft: Soft | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """eq. 5: alpha0 * CE(main_i -> x_{i+1}) + sum_j alpha_j * CE(stream_{i,j} -> x_{i+1+j}).
 
@@ -55,6 +66,8 @@ def ss_loss(
     stream1..streamG, exit; plus `loss`.
     anchors (B,P): the positions the stream (and exit) rows belong to, when the model computed
     the streams of a sample of positions only (`StreamingLM.forward(anchors=...)`).
+    soft: (B,L,K) ids and probabilities, position i a distribution over token i (aligned like
+    input_ids): the stream terms' targets instead of the ids (the main and exit terms keep ids).
     """
     L, G = input_ids.shape[1], stream_logits.shape[2]
     weights = (
@@ -65,7 +78,9 @@ def ss_loss(
     metrics: dict[str, float] = {}
     total = stream_logits.sum() * 0.0
 
-    def add(name: str, weight: float, logits: torch.Tensor, shift: int, anchored: bool) -> None:
+    def add(
+        name: str, weight: float, logits: torch.Tensor, shift: int, anchored: bool, sf: Soft | None
+    ) -> None:
         # Position i predicts token i + shift; positions without a target drop out.
         nonlocal total
         if anchored and anchors is not None:
@@ -73,23 +88,28 @@ def ss_loss(
             inside = at < L
             at = at.clamp(max=L - 1)
             tg, mk = input_ids.gather(1, at), loss_mask.gather(1, at) * inside
-            loss, n, correct = masked_ce(logits, tg, mk, head)
+            if sf is not None:
+                ix = at[..., None].expand(-1, -1, sf[0].shape[-1])  # (B, P, K)
+                sf = (sf[0].gather(1, ix), sf[1].gather(1, ix))
+            loss, n, correct = masked_ce(logits, tg, mk, head, sf)
         else:
+            if sf is not None:
+                sf = (sf[0][:, shift:], sf[1][:, shift:])
             loss, n, correct = masked_ce(
-                logits[:, : L - shift], input_ids[:, shift:], loss_mask[:, shift:], head
+                logits[:, : L - shift], input_ids[:, shift:], loss_mask[:, shift:], head, sf
             )
         total = total + weight * loss
         metrics.update(term_metrics(name, float(loss.detach()), n, correct))
 
     if main_logits is not None:
-        add("main", alpha0, main_logits, 1, False)
+        add("main", alpha0, main_logits, 1, False, None)
     for j in range(1, G + 1):
         if j + 1 < L:
-            add(f"stream{j}", weights[j - 1], stream_logits[:, :, j - 1], j + 1, True)
+            add(f"stream{j}", weights[j - 1], stream_logits[:, :, j - 1], j + 1, True, soft)
         else:
             metrics.update(term_metrics(f"stream{j}", 0.0, 0, 0))
     if exit_logits is not None:
-        add("exit", exit_weight, exit_logits, 1, True)
+        add("exit", exit_weight, exit_logits, 1, True, None)
     metrics["loss"] = float(total.detach())
     return total, metrics
 

@@ -41,7 +41,7 @@ from .dist import (
     init_distributed,
     shutdown,
 )
-from .hidden_cache import FrozenBaseCache
+from .hidden_cache import FrozenBaseCache, main_stats, one_hot_soft
 from .learning_curve import CURVE_FILE, LearningCurve, curve_record, format_point
 from .loss import (
     accumulate,
@@ -178,11 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--targets",
-        choices=("text", "base"),
+        choices=("text", "base", "soft"),
         default="text",
-        help="stream labels: the data's tokens, or (frozen base) the base's own prediction at "
+        help="stream labels: the data's tokens; or (frozen base) the base's own prediction at "
         "each position, teacher-forced on the data: fixed text then trains the streams to "
-        "predict the base, as its own generations would",
+        "predict the base, as its own generations would; or soft: the base's top-8 "
+        "distribution there, renormalised (HASS's top-K distillation)",
     )
     p.add_argument(
         "--stream-positions",
@@ -334,8 +335,8 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     base_trainable = any(p.requires_grad for p in core.base.parameters())
     if args.stream_positions < 0:
         raise SystemExit(f"--stream-positions must be 0 (all) or more, got {args.stream_positions}")
-    if args.targets == "base" and base_trainable:
-        raise SystemExit("--targets base needs a frozen base (--mode lossless or medusa)")
+    if args.targets != "text" and base_trainable:
+        raise SystemExit(f"--targets {args.targets} needs a frozen base (--mode lossless, medusa)")
     # Dropout only matters for LoRA; a frozen base must compute exactly what it does at inference.
     core.train(base_trainable)
 
@@ -363,7 +364,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     loss_kw = dict(
         alpha0=args.alpha0, alpha_streams=args.alpha_streams, exit_weight=args.exit_weight
     )
-    own_targets = args.targets == "base"
+    own_targets = args.targets
     # Mixed precision for the training passes only (parameters, optimizer and eval stay fp32):
     # on a CPU with AMX or AVX-512 BF16 the frozen trunk runs ~3x faster; elsewhere slower.
     autocast = (
@@ -482,21 +483,28 @@ def _batch_loss(
     idx: list[int],
     cache: FrozenBaseCache | None,
     loss_kw: dict[str, Any],
-    own_targets: bool = False,
+    targets: str = "text",
     anchors: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The batch's loss and metrics; `targets` as --targets: text, base (the base's argmax) or
+    soft (its top-K distribution; accuracy still against its argmax)."""
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     kw = dict(exit_logits=None, head=core.lm_head, anchors=anchors, **loss_kw)
     # LM-head inputs out of the (DDP) forward; the frozen LM head runs on scored rows only.
     if cache is None:
         main, streams, kw["exit_logits"] = model(ids, attn, return_hidden=True, anchors=anchors)
-        targets = _own_targets(core, main, ids) if own_targets else ids
-        return ss_loss(main, streams, targets, mask, **kw)
-    base_out, main_metrics, own = cache.lookup(core, batch, idx)
+        if targets == "text":
+            return ss_loss(main, streams, ids, mask, **kw)
+        own, soft = _own_targets(core, main, ids)
+        return ss_loss(main, streams, own, mask, soft=soft if targets == "soft" else None, **kw)
+    base_out, main_metrics, own, soft = cache.lookup(core, batch, idx)
     _, streams, kw["exit_logits"] = model(
         ids, attn, base_output=base_out, return_hidden=True, anchors=anchors
     )
-    loss, metrics = ss_loss(None, streams, own if own_targets else ids, mask, **kw)
+    labels = ids if targets == "text" else own
+    loss, metrics = ss_loss(
+        None, streams, labels, mask, soft=soft if targets == "soft" else None, **kw
+    )
     metrics.update(main_metrics)
     # Report the same total as without the cache (the main term has no gradient here).
     metrics["loss"] += loss_kw["alpha0"] * main_metrics["main_loss"]
@@ -524,16 +532,23 @@ def _trunk_key(args: argparse.Namespace, core: nn.Module) -> str:
 
 
 @torch.no_grad()
-def _own_targets(core: nn.Module, main: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """(B, L) ids: position k+1 holds the frozen base's prediction at k (main (B, L, D) = LM-head
-    inputs), position 0 the input id; the labels FrozenBaseCache.lookup returns too."""
-    own = ids.clone()
+def _own_targets(
+    core: nn.Module, main: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The frozen base's own labels, as FrozenBaseCache.lookup returns them: (B, L) ids whose
+    position k+1 holds the base's prediction at k (main (B, L, D) = LM-head inputs), position 0
+    the input id; and (B, L, K) top-K ids and probabilities aligned alike."""
     B, L, D = main.shape
-    flat = main[:, :-1].reshape(-1, D)  # (B * (L-1), D)
-    # In row chunks: (B, L, V) logits are 0.8 GB at 4 x 1024 positions and a 49K vocabulary.
-    pred = torch.cat([core.lm_head(flat[k : k + 512]).argmax(-1) for k in range(0, len(flat), 512)])
-    own[:, 1:] = pred.view(B, L - 1)
-    return own
+    # The cache's own computation, in its row chunks ((B, L, V) logits are 0.8 GB at 4 x 1024
+    # positions and a 49K vocabulary); the targets argument only feeds its nll and hit.
+    flat, nxt = main[:, :-1].reshape(-1, D), ids[:, 1:].reshape(-1)  # (B * (L-1), D), (B * (L-1),)
+    _, _, pred, top_ids, top_p = main_stats(core, flat, nxt)
+    own = ids.clone()
+    own[:, 1:] = pred.long().view(B, L - 1)
+    soft_ids, soft_p = one_hot_soft(ids, top_ids.shape[-1])
+    soft_ids[:, 1:] = top_ids.long().view(B, L - 1, -1)
+    soft_p[:, 1:] = top_p.float().view(B, L - 1, -1)
+    return own, (soft_ids, soft_p)
 
 
 def _make_cache(

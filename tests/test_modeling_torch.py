@@ -286,6 +286,40 @@ def test_loss_targets_and_masking():
     assert m3["stream1_acc"] == 1.0
 
 
+def test_soft_targets_are_a_distributions_cross_entropy():
+    from ss_mlx_convert.hidden_cache import one_hot_soft
+
+    g = torch.Generator().manual_seed(0)
+    V, L, G, K = 13, 7, 2, 3
+    ids = torch.randint(0, V, (2, L), generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0, 0]])
+    streams = torch.randn(2, L, G, V, generator=g)
+    anchors = torch.tensor([[0, 2, 3], [1, 2, 6]])
+    s_at = streams.gather(1, anchors[:, :, None, None].expand(-1, -1, G, V))
+    for a, st in ((None, streams), (anchors, s_at)):
+        # The ids as a one-point distribution: exactly the hard loss.
+        hard, mh = ss_loss(None, st, ids, mask, anchors=a)
+        soft, ms = ss_loss(None, st, ids, mask, anchors=a, soft=one_hot_soft(ids, K))
+        torch.testing.assert_close(hard, soft)
+        assert mh == pytest.approx(ms)
+    # A real distribution: -sum_k p_k log q_k with p renormalised over its K tokens, per scored
+    # position; hits still count the ids.
+    top_ids = torch.randint(0, V, (2, L, K), generator=g)
+    top_p = torch.rand(2, L, K, generator=g)
+    _, m = ss_loss(None, streams, ids, mask, soft=(top_ids, top_p))
+    for j in range(1, G + 1):
+        shift, want, n = j + 1, [], 0
+        for b in range(2):
+            for i in range(L - shift):
+                if mask[b, i + shift]:
+                    logq = streams[b, i, j - 1].log_softmax(-1)
+                    p = top_p[b, i + shift] / top_p[b, i + shift].sum()
+                    want.append(-(p * logq[top_ids[b, i + shift]]).sum())
+                    n += 1
+        assert m[f"stream{j}_n"] == n
+        assert m[f"stream{j}_loss"] == pytest.approx(float(torch.stack(want).mean()), rel=1e-5)
+
+
 @pytest.mark.parametrize("model_type", ["qwen2", "phi3"])
 def test_loss_on_hidden_rows_equals_loss_on_logits(model_type):
     model = full_model(model_type)

@@ -84,7 +84,7 @@ def test_a_points_epochs_set_its_steps_and_are_no_trainer_flag(tmp_path, monkeyp
     (distilled / "manifest.json").write_text(json.dumps(manifest))
     sources = {"sharegpt": tmp_path / "d.jsonl", "permissive": distilled}
     points = (("size-7000-ns8", 7000 // 4), ("size-2100", 2 * 2100 // 4),
-              ("distilled-900-ns8", 2 * 900 // 4))  # fmt: skip
+              ("distilled-900-ns8", 2 * 900 // 4), ("soft-ns8", 2 * 2100 // 4))  # fmt: skip
     for name, steps in points:
         with pytest.raises(RuntimeError, match="stop before"):
             mod.run_point(name, "base", sources, tmp_path / "e.jsonl", tmp_path)
@@ -96,7 +96,9 @@ def test_a_points_epochs_set_its_steps_and_are_no_trainer_flag(tmp_path, monkeyp
     assert seen[1][seen[1].index("--data") + 1] == str(sources["sharegpt"])
     assert seen[2][seen[2].index("--data") + 1] == str(distilled)
     assert seen[2].count("--data") == 1
+    assert [c[c.index("--targets") + 1] for c in seen] == ["base", "base", "base", "soft"]
+    assert all(c.count("--targets") == 1 for c in seen)
     # A point never trains on fewer distilled rows than it names.
     with pytest.raises(SystemExit, match="needs 5200 distilled rows, distilled has 5000"):
         mod.run_point("distilled-5200-ns8", "base", sources, tmp_path / "e.jsonl", tmp_path)
-    assert len(seen) == 3
+    assert len(seen) == 4

@@ -205,12 +205,18 @@ def test_hidden_cache_matches_uncached(workdir, tmp_path):
     assert la == pytest.approx(lb, rel=1e-4)
 
 
-def test_own_targets_and_sampled_positions_cached_match_uncached(workdir, tmp_path):
-    # --targets base: the labels are the frozen base's predictions, whether they come from the
-    # cache or from the forward; --stream-positions draws the same positions either way.
-    args = ["--max-steps", "12", "--save-every", "0", "--targets", "base",
+@pytest.mark.parametrize("targets", ["base", "soft"])
+def test_own_targets_and_sampled_positions_cached_match_uncached(workdir, tmp_path, targets):
+    # --targets base / soft: the labels are the frozen base's predictions (its top-K
+    # distribution), whether they come from the cache (through its file for soft) or from the
+    # forward; --stream-positions draws the same positions either way.
+    args = ["--max-steps", "12", "--save-every", "0", "--targets", targets,
             "--stream-positions", "3"]  # fmt: skip
-    on = run_train(workdir, "llama", "lossless", tmp_path / "on", *args, "--cache-hidden", "on")
+    cached = ("--cache-dir", str(tmp_path / "trunk")) if targets == "soft" else ()
+    run = tmp_path / "on"
+    if cached:  # the second run reads the targets back from the file the first one wrote
+        run_train(workdir, "llama", "lossless", tmp_path / "fill", *args, *cached)
+    on = run_train(workdir, "llama", "lossless", run, *args, "--cache-hidden", "on", *cached)
     off = run_train(workdir, "llama", "lossless", tmp_path / "off", *args, "--cache-hidden", "off")
     a, b = on.model.ss_state_dict(), off.model.ss_state_dict()
     for k in a:
@@ -218,10 +224,12 @@ def test_own_targets_and_sampled_positions_cached_match_uncached(workdir, tmp_pa
     assert losses(tmp_path / "on", "streams") == pytest.approx(
         losses(tmp_path / "off", "streams"), rel=1e-4
     )
-    # A random base does not predict the random training text: other labels, other losses.
-    run_train(workdir, "llama", "lossless", tmp_path / "text", "--max-steps", "12",
-              "--save-every", "0", "--stream-positions", "3")  # fmt: skip
-    assert losses(tmp_path / "text", "streams") != pytest.approx(
+    # A random base does not predict the random training text: other labels, other losses;
+    # and a soft distribution is not its argmax.
+    other = "text" if targets == "base" else "base"
+    run_train(workdir, "llama", "lossless", tmp_path / other, "--max-steps", "12",
+              "--save-every", "0", "--stream-positions", "3", "--targets", other)  # fmt: skip
+    assert losses(tmp_path / other, "streams") != pytest.approx(
         losses(tmp_path / "on", "streams"), rel=1e-3
     )
 

@@ -69,6 +69,8 @@ POINTS: dict[str, tuple[int, dict[str, int | str]]] = {
     "ns-12": (ABLATION_SIZE, {"stream-layers": 12, **BF16}),
     "gamma-3": (ABLATION_SIZE, {"streams": 3, **BF16}),
     "ns-8": (ABLATION_SIZE, {"stream-layers": 8, **BF16}),
+    # ns-8 with the base's top-8 distribution as the label (HASS's top-K distillation).
+    "soft-ns8": (ABLATION_SIZE, {"stream-layers": 8, "targets": "soft", **BF16}),
     "rank-32": (ABLATION_SIZE, {"adapter-rank": 32, **BF16}),
     "bf16-200": (200, BF16),
     # Self-distilled answers at Ns 8 (the shipped setting): 100K / 200K / 590K / 2M scored
@@ -93,6 +95,7 @@ def run_point(name: str, base: str, sources: dict[str, Path], evalset: Path, out
     settings = {**BASE_ARGS, **overrides}
     epochs = int(settings.pop("epochs", EPOCHS))
     source = str(settings.pop("data", "sharegpt"))
+    targets = str(settings.pop("targets", "base"))
     data = sources[source]
     if data.is_dir():  # distilled shards: a point never trains on fewer rows than it names
         from ss_mlx_convert.shards import read_manifest
@@ -105,7 +108,7 @@ def run_point(name: str, base: str, sources: dict[str, Path], evalset: Path, out
     steps = max(20, epochs * n // 4)  # at batch 4
     cmd = ["ss-mlx", "train", "--model", base, "--data", str(data), "--eval", str(evalset),
            "--mode", "lossless", *(x for k, v in settings.items() for x in (f"--{k}", str(v))),
-           "--targets", "base", "--stream-positions", "96", "--max-seq-len", str(SEQ),
+           "--targets", targets, "--stream-positions", "96", "--max-seq-len", str(SEQ),
            "--max-examples", str(n), "--max-steps", str(steps), "--lr", "4e-3",
            "--warmup-steps", "20", "--batch-size", "4", "--cache-hidden", "on",
            "--cache-dir", str(ROOT / "work" / "trunk_cache"), "--save-every", "50",

@@ -89,18 +89,27 @@ def tuned_record(model: SSModel) -> dict[str, Any] | None:
 
 def dynamic_drafter(model: SSModel, config: HybridConfig | None = None) -> HybridDrafter:
     """The default draft source: streams + prompt lookup in one tree chosen every step, costed
-    with this machine's curve from `ss-mlx tune` (or the default) and the streams' measured
-    acceptance as the prior."""
+    with this machine's curve from `ss-mlx tune` (or the default), with the streams' and prompt
+    lookup's acceptance that tune measured for this model as the priors."""
     record = tuned_record(model)
     config = config or HybridConfig()
     stats = model.__dict__.get("_hybrid_stats")
     if stats is None or len(stats.lookup_rate) != config.lookup_depth:
-        probs = ((record or {}).get("tree") or {}).get("rank_probs")
-        prior = tuple(float(p[0]) for p in probs) if probs else None
-        stats = HybridStats(model.num_streams, config.lookup_depth, prior)
+        acc = (record or {}).get("acceptance")
+        acc = acc if isinstance(acc, dict) else {}
+        lookup = acc.get("lookup") if isinstance(acc.get("lookup"), dict) else {}
+        # Measured by `ss-mlx tune` (records before it measured them: the defaults); anything
+        # unusable in them falls back to the default prior (HybridStats checks each value).
+        stats = HybridStats(model.num_streams, config.lookup_depth, _seq(acc.get("top1_chain")),
+                            _seq(lookup.get("first_by_match")),
+                            _seq(lookup.get("continue_by_depth")))  # fmt: skip
         object.__setattr__(model, "_hybrid_stats", stats)  # plain attribute: not a module child
     curve = row_cost_curve(record, model.num_streams)
     return HybridDrafter(model, config, curve, stats, plain_cost_curve(record))
+
+
+def _seq(value: Any) -> list[Any] | None:
+    return value if isinstance(value, list) else None
 
 
 def resolve_tree(model: SSModel, tree: TreeSpec | str | dict | None) -> TreeSpec:

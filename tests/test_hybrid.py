@@ -161,3 +161,23 @@ def test_lookup_only_passes_are_priced_by_the_plain_curve():
         drafter.length = 3
         draft = drafter.first_draft([0, 1, 2])
         assert (draft.tree.num_nodes >= 4) == deep, plain
+
+
+def test_measured_priors_replace_the_defaults_entry_by_entry():
+    from ss_mlx.drafters.hybrid import LOOKUP_CONTINUE_PRIOR, LOOKUP_FIRST_PRIOR, STREAM_TOP1_PRIOR
+
+    stats = HybridStats(4, 5, stream_prior=[0.3, None, 1.5, True],
+                        lookup_first=[0.1, 0.2, "x", 0.4, 0.5, 0.99],
+                        lookup_continue=[0.6, None])  # fmt: skip
+    assert [r.value for r in stats.stream_top1] == pytest.approx(
+        [0.3, STREAM_TOP1_PRIOR[1], STREAM_TOP1_PRIOR[2], STREAM_TOP1_PRIOR[2]]
+    )
+    assert [r.value for r in stats.lookup_first] == pytest.approx(
+        [0.1, 0.2, LOOKUP_FIRST_PRIOR[2], 0.4, 0.5, 0.98]  # a measured 0.99 is not certainty
+    )
+    assert len(stats.lookup_rate) == 5
+    assert [r.value for r in stats.lookup_rate[1:]] == pytest.approx(
+        [0.6, LOOKUP_CONTINUE_PRIOR[1], LOOKUP_CONTINUE_PRIOR[1], LOOKUP_CONTINUE_PRIOR[1]]
+    )
+    default = HybridStats(4, 5)
+    assert [r.value for r in default.lookup_first] == pytest.approx(list(LOOKUP_FIRST_PRIOR))

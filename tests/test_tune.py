@@ -143,6 +143,23 @@ def test_measure_ranks_over_prompts():
     assert ranks.shape == (12, 2)
 
 
+def test_lookup_acceptance_by_match_length_and_depth():
+    # seq 5 1 2 3 7 1 2 | 3 8. Predicting the 3: "1 2" matched 2 tokens back (bucket 2),
+    # proposing 3 7 1 2: first right, then 7 vs 8 wrong. Predicting the 8: "1 2 3" matched 3
+    # back (bucket 3), proposing 7: wrong.
+    got = tune.lookup_acceptance([[5, 1, 2, 3, 7, 1, 2]], [[3, 8]])
+    assert got["positions"] == 2
+    assert got["first_by_match"] == [None, 1.0, 0.0, None, None, None]
+    assert got["first_trials"] == [0, 1, 1, 0, 0, 0]
+    assert got["continue_by_depth"] == [0.0] + [None] * 6
+
+
+def test_chain_top1_is_conditional_on_the_earlier_streams():
+    ranks = np.array([[0, 0], [0, 1], [1, 0], [0, 0]])
+    assert tune.chain_top1(ranks) == [0.75, pytest.approx(2 / 3)]
+    assert tune.chain_top1(np.array([[1, 0]])) == [0.0, None]
+
+
 def test_cli_tunes_saves_and_the_tree_generates(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SS_MLX_HOME", str(tmp_path / "home"))
     save_tiny_model_dir(tiny_base("llama"), tmp_path / "base")
@@ -158,6 +175,8 @@ def test_cli_tunes_saves_and_the_tree_generates(tmp_path, monkeypatch, capsys):
     assert record["verify_cost"]["T"] == [1, 2, 3, 4]
     assert record["choice"]["num_nodes"] <= 4
     assert len(record["acceptance"]["rank_probs"]) == 3
+    acc = record["acceptance"]
+    assert len(acc["top1_chain"]) == 3 and len(acc["lookup"]["first_by_match"]) == 6
     tree = tuned.load_tuned_tree(d)
     assert tree == record["tree"]
     model, _ = load(d)
@@ -166,3 +185,11 @@ def test_cli_tunes_saves_and_the_tree_generates(tmp_path, monkeypatch, capsys):
     from mlx_lm.generate import generate_step
 
     assert ss == [t for t, _ in generate_step(prompt, model.base, max_tokens=12)]
+    # The dynamic tree starts from what tune measured (a None: nothing measured, the default).
+    from ss_mlx.drafters.hybrid import STREAM_TOP1_PRIOR
+    from ss_mlx.generation import dynamic_drafter
+
+    stats = dynamic_drafter(model)
+    for d, p in enumerate(acc["top1_chain"]):
+        want = STREAM_TOP1_PRIOR[min(d, 2)] if p is None else min(p, 0.98)
+        assert stats.stream_top1[d].value == pytest.approx(want)

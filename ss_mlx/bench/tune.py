@@ -32,6 +32,8 @@ import numpy as np
 from .. import cliargs
 from ..decode.cache import make_cache
 from ..decode.tree import MAX_NODES, TreeSpec
+from ..drafters.hybrid import MATCH_BUCKETS, match_bucket
+from ..drafters.lookup import NgramIndex
 from ..files import check_output_file, dump_json, savefig, write_text
 from ..model.ss_model import SSModel, plain_tree_forward
 from ..tuned import SCHEMA, machine_key, model_hash, save_tuned, verify_cost_ok
@@ -219,6 +221,31 @@ def stream_ranks(model: SSModel, sequence: Sequence[int], start: int) -> np.ndar
     return out
 
 
+def greedy_continuations(
+    model: SSModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_tokens: int = 64,
+    eos: set[int] | None = None,
+    progress: bool = True,
+) -> list[list[int]]:
+    """Each prompt's own greedy continuation (from mlx-lm's decoding of the base: what every
+    lossless method must reproduce; cheaper than any tree on a CPU), EOS included."""
+    from mlx_lm.generate import generate_step
+    from tqdm import tqdm
+
+    out = []
+    for ids in tqdm(prompts, desc="acceptance", unit="prompt", disable=not progress,
+                    file=sys.stderr):
+        cont = []
+        for t, _ in generate_step(mx.array(list(ids)), model.base, max_tokens=max_tokens):
+            cont.append(t)
+            if eos and t in eos:  # what follows EOS is never generated in practice
+                break
+        out.append(cont)
+    return out
+
+
 def measure_ranks(
     model: SSModel,
     prompts: Sequence[Sequence[int]],
@@ -226,26 +253,68 @@ def measure_ranks(
     max_tokens: int = 64,
     eos: set[int] | None = None,
     progress: bool = True,
+    continuations: Sequence[Sequence[int]] | None = None,
 ) -> np.ndarray:
-    """Stream ranks of the true continuation over every generated position of every prompt.
-
-    The continuation is the model's own greedy output, from mlx-lm's decoding of the base
-    (what every lossless method must reproduce; cheaper than any tree on a CPU).
-    Returns (N, G) int ranks.
-    """
-    from mlx_lm.generate import generate_step
-    from tqdm import tqdm
-
-    rows = []
-    for ids in tqdm(prompts, desc="acceptance", unit="prompt", disable=not progress,
-                    file=sys.stderr):
-        out = []
-        for t, _ in generate_step(mx.array(list(ids)), model.base, max_tokens=max_tokens):
-            out.append(t)
-            if eos and t in eos:  # what follows EOS is never generated in practice
-                break
-        rows.append(stream_ranks(model, list(ids) + out, len(ids) - 1))
+    """Stream ranks of the true continuation over every generated position of every prompt
+    (`greedy_continuations`, unless given). Returns (N, G) int ranks."""
+    if continuations is None:
+        continuations = greedy_continuations(model, prompts, max_tokens=max_tokens, eos=eos,
+                                             progress=progress)  # fmt: skip
+    rows = [stream_ranks(model, list(ids) + list(c), len(ids) - 1)
+            for ids, c in zip(prompts, continuations, strict=True)]  # fmt: skip
     return np.concatenate(rows) if rows else np.zeros((0, model.num_streams), dtype=np.int32)
+
+
+def chain_top1(ranks: np.ndarray) -> list[float | None]:
+    """P(stream d's top-1 is right | streams < d were), d = 1..G (None where no position had
+    every earlier stream right): the dynamic tree's stream priors."""
+    out: list[float | None] = []
+    alive = np.ones(ranks.shape[0], dtype=bool)
+    for d in range(ranks.shape[1]):
+        n = int(alive.sum())
+        hit = alive & (ranks[:, d] == 0)
+        out.append(float(hit.sum() / n) if n else None)
+        alive = hit
+    return out
+
+
+def lookup_acceptance(
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    *,
+    depth: int = 8,
+    candidates: int = 3,
+    min_ngram: int = 1,
+    max_ngram: int = 4,
+) -> dict[str, Any]:
+    """How often prompt lookup's drafts are right on the model's own continuations: at every
+    generated position, each of the (up to `candidates`) context matches the dynamic tree would
+    draft; its first token, by match-length bucket (`match_bucket`), and each deeper token given
+    the one before it was right. Rates are None where nothing was tried."""
+    first = np.zeros((len(MATCH_BUCKETS), 2))  # (hits, trials)
+    deeper = np.zeros((depth, 2))  # row d: the token at depth d + 1
+    positions = 0
+    for ids, cont in zip(prompts, continuations, strict=True):
+        seq = list(ids) + list(cont)
+        index = NgramIndex(min_ngram, max_ngram)
+        index.extend(seq[: len(ids)])
+        for at in range(len(ids), len(seq)):
+            positions += 1
+            for n, draft in index.matches(depth, candidates):
+                b = match_bucket(n)
+                first[b] += (draft[0] == seq[at], 1)
+                for d in range(1, min(len(draft), len(seq) - at)):
+                    if draft[d - 1] != seq[at + d - 1]:
+                        break
+                    deeper[d] += (draft[d] == seq[at + d], 1)
+            index.extend([seq[at]])
+
+    def rates(a: np.ndarray) -> list[float | None]:
+        return [float(h / t) if t else None for h, t in a]
+
+    return {"positions": positions, "first_by_match": rates(first),
+            "first_trials": [int(t) for t in first[:, 1]],
+            "continue_by_depth": rates(deeper[1:])}  # fmt: skip
 
 
 def rank_probs_from_ranks(ranks: np.ndarray, width: int = RANK_WIDTH,
@@ -505,8 +574,10 @@ def main(argv: list[str] | None = None) -> None:
 
     curve = measure_verify_cost(model, max_t=args.max_t, context=args.context,
                                 repeats=args.repeats, progress=progress)
-    ranks = measure_ranks(model, prompts, max_tokens=args.max_tokens,
-                          eos=set(tokenizer.eos_token_ids), progress=progress)
+    continuations = greedy_continuations(model, prompts, max_tokens=args.max_tokens,
+                                         eos=set(tokenizer.eos_token_ids), progress=progress)
+    ranks = measure_ranks(model, prompts, continuations=continuations)
+    lookup = lookup_acceptance(prompts, continuations)
     if ranks.shape[0] == 0:
         sys.exit("ss-mlx tune: error: the prompts produced no positions to measure; "
                  "raise --max-tokens or give more prompts")
@@ -536,6 +607,8 @@ def main(argv: list[str] | None = None) -> None:
             "positions": int(ranks.shape[0]),
             "rank_probs": probs,
             "top1_by_depth": [float(np.mean(ranks[:, d] == 0)) for d in range(ranks.shape[1])],
+            "top1_chain": chain_top1(ranks),
+            "lookup": lookup,
         },
     }
 
@@ -548,6 +621,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {t} | {s * 1e3:.2f} | {r:.2f} |")
     top1 = ", ".join(f"{a:.2f}" for a in record["acceptance"]["top1_by_depth"])
     print(f"\nStream top-1 acceptance by depth ({ranks.shape[0]} positions): {top1}")
+    first = ", ".join("-" if r is None else f"{r:.2f}" for r in lookup["first_by_match"])
+    print(f"Prompt lookup, first token right by match length 1/2/3/4-7/8-15/16+: {first}")
     print(f"Chosen tree: widths {choice['tree']['widths']}, node budget "
           f"{choice['tree']['node_budget']} ({T} nodes with the root)")
     print(f"  expected tokens/pass {choice['expected_tokens_per_pass']:.2f}, relative cost "

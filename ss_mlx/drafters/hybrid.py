@@ -25,6 +25,7 @@ used.
 """
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +39,16 @@ from .lookup import NgramIndex
 
 STREAMS, LOOKUP = "streams", "lookup"
 MIN_GAIN = 1.05  # expected tokens per unit cost a tree must reach to beat a root-only pass
-# Lookup match lengths are pooled into buckets 1, 2, 3, 4-7, 8-15, 16+ (each its own rate);
-# the priors, relative to lookup_prior[0], rise with the length.
+# Lookup match lengths are pooled into buckets 1, 2, 3, 4-7, 8-15, 16+ (each its own rate).
 MATCH_BUCKETS = (1, 2, 3, 4, 8, 16)
-MATCH_PRIOR = (0.5, 1.0, 1.6, 2.0, 2.4, 2.8)
+# Priors when `ss-mlx tune` has not measured them for the model (tuned records carry
+# acceptance.lookup and acceptance.top1_chain): P(first lookup token right) per match bucket,
+# rising with the length; P(depth d right | depth d - 1 right); P(stream d's top-1 right |
+# streams < d right).
+LOOKUP_FIRST_PRIOR = (0.125, 0.25, 0.4, 0.5, 0.6, 0.7)
+LOOKUP_CONTINUE_PRIOR = (0.7, 0.8)  # depth 2, then every deeper one
+STREAM_TOP1_PRIOR = (0.4, 0.5, 0.6)  # stream 1, 2, then every later one
+MAX_PRIOR = 0.98  # no measured rate is taken as certainty
 
 
 def match_bucket(length: int) -> int:
@@ -103,19 +110,40 @@ class HybridStats:
     stream_cal[d]: stream d's calibration, accepted / predicted probability mass (1 =
     calibrated); stream_top1[d]: how often its top token is right when streams < d were (what
     computing d streams adds to the next tree); lookup_first[k]: P(a lookup draft's first token
-    is right) after a match of length bucket k (`match_bucket`); lookup_rate[d]: P(depth d
-    right | depth d - 1 right).
+    is right) after a match of length bucket k (`match_bucket`); lookup_rate[d]: P(depth d + 1
+    right | depth d right). The priors are `ss-mlx tune`'s measurements where given (a None or
+    out-of-range entry keeps the default prior), else the module's defaults.
     """
 
-    def __init__(self, num_streams: int, lookup_depth: int,
-                 stream_prior: tuple[float, ...] | None = None,
-                 lookup_prior: tuple[float, ...] = (0.25, 0.7, 0.8)):
-        prior = stream_prior or (0.4, 0.5, 0.6)
+    def __init__(
+        self,
+        num_streams: int,
+        lookup_depth: int,
+        stream_prior: Sequence[float] | None = None,
+        lookup_first: Sequence[float | None] | None = None,
+        lookup_continue: Sequence[float | None] | None = None,
+    ):
+        top1 = _priors(stream_prior, STREAM_TOP1_PRIOR, num_streams)
+        first = _priors(lookup_first, LOOKUP_FIRST_PRIOR, len(MATCH_BUCKETS))
+        # lookup_rate[0] is never read (depth 1 is lookup_first's); index d is depth d + 1.
+        cont = _priors(lookup_continue, LOOKUP_CONTINUE_PRIOR, max(lookup_depth - 1, 0))
         self.stream_cal = [Rate(1.0) for _ in range(num_streams)]
-        self.stream_top1 = [Rate(prior[min(d, len(prior) - 1)]) for d in range(num_streams)]
-        self.lookup_first = [Rate(min(0.9, lookup_prior[0] * f)) for f in MATCH_PRIOR]
-        self.lookup_rate = [Rate(lookup_prior[min(d, len(lookup_prior) - 1)])
-                            for d in range(lookup_depth)]
+        self.stream_top1 = [Rate(p) for p in top1]
+        self.lookup_first = [Rate(p) for p in first]
+        self.lookup_rate = [Rate(first[0])] + [Rate(p) for p in cont]
+
+
+def _priors(
+    measured: Sequence[float | None] | None, default: Sequence[float], n: int
+) -> list[float]:
+    """n priors: the measured ones where usable (a number in [0, 1]; None where nothing was
+    measured), else the default's, whose last entry stands for every later one."""
+    out = []
+    for i in range(n):
+        v = measured[i] if measured is not None and i < len(measured) else None
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
+        out.append(min(MAX_PRIOR, float(v)) if ok else default[min(i, len(default) - 1)])
+    return out
 
 
 class _Node:

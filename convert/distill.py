@@ -461,7 +461,7 @@ def distill_shards(args: argparse.Namespace) -> dict[str, Any]:
         path = folder / shard_name(k)
         if path.name in done:
             check(k, read_shard(path, done[path.name]["sha256"]), path)
-    written, t_start = 0, time.perf_counter()
+    pending = []
     for k in range(n_shards):
         path = folder / shard_name(k)
         if path.name in done:
@@ -478,81 +478,121 @@ def distill_shards(args: argparse.Namespace) -> dict[str, Any]:
                 done[path.name] = entry
                 _write_manifest(folder, manifest)
                 continue
-        if args.max_shards is not None and written >= args.max_shards:
-            break
-        if args.time_limit is not None and time.perf_counter() - t_start > args.time_limit:
-            break
-        lo, hi = k * args.shard_size, (k + 1) * args.shard_size
-        entry = _make_shard(
-            model,
-            tokenizer,
-            args,
-            plan[lo:hi],
-            plan_ids[lo:hi],
-            eos_ids,
-            engine,
-            path,
-            config["vocab_size"],
-            k,
-            n_shards,
-        )
-        manifest["shards"].append(entry)
-        done[path.name] = entry
-        _write_manifest(folder, manifest)
-        written += 1
+        pending.append(k)
+    if args.max_shards is not None:
+        pending = pending[: max(args.max_shards, 0)]
+    if pending:
+        writer = _ShardWriter(args, plan, plan_ids, engine, folder, manifest, n_shards)
+        _generate_shards(model, tokenizer, args, plan_ids, eos_ids, engine, pending, writer)
     return _write_manifest(folder, manifest)
 
 
-def _make_shard(
+class _ShardWriter:
+    """Writes each shard as soon as all its prompts are generated, then lists it in the manifest.
+
+    A shard's `seconds` (and `cpu_seconds`) are the time since the run's previous shard was
+    written (or since generation began): with the fast engine the next shards' prompts are
+    already decoding when one completes, so this is the time each shard adds to the run.
+    """
+
+    def __init__(self, args: argparse.Namespace, plan: list[sources.Prompt],
+                 plan_ids: list[list[int]], engine: str, folder: Path, manifest: dict[str, Any],
+                 n_shards: int) -> None:  # fmt: skip
+        self.args, self.plan, self.plan_ids, self.engine = args, plan, plan_ids, engine
+        self.folder, self.manifest, self.n_shards = folder, manifest, n_shards
+        self.size = args.shard_size
+        self.gens: dict[int, dict[int, Generation]] = {}  # shard -> plan index -> generation
+        self.t, self.cpu = time.perf_counter(), time.process_time()
+        self.t_start, self.done, self.tokens = self.t, 0, 0
+
+    def rows(self, k: int) -> range:
+        return range(k * self.size, min((k + 1) * self.size, len(self.plan)))
+
+    def add(self, i: int, g: Generation) -> None:
+        """Record plan index i's generation; write its shard when that was the last one."""
+        k = i // self.size
+        self.gens.setdefault(k, {})[i] = g
+        self.done += 1
+        self.tokens += len(g.ids)
+        if not self.args.no_progress and self.done % 64 == 0:
+            dt = time.perf_counter() - self.t_start
+            print(f"  {self.done} prompts done, {self.tokens} tokens, {self.tokens / dt:.1f} tok/s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        if len(self.gens[k]) == len(self.rows(k)):
+            self._write(k, self.gens.pop(k))
+
+    def _write(self, k: int, gens: dict[int, Generation]) -> None:
+        path = self.folder / shard_name(k)
+        recs = [Record(self.plan[i].file, self.plan[i].row, self.plan_ids[i], gens[i].ids,
+                       gens[i].finish) for i in self.rows(k)]  # fmt: skip
+        entry = write_shard(path, recs, self.manifest["config"]["vocab_size"])
+        now, cpu_now = time.perf_counter(), time.process_time()
+        dt, cpu = now - self.t, cpu_now - self.cpu
+        self.t, self.cpu = now, cpu_now
+        entry.update(
+            seconds=round(dt, 1),
+            cpu_seconds=round(cpu, 1),
+            engine=self.engine,
+            batch_size=self.args.batch_size,
+            threads=torch.get_num_threads(),
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        self.manifest["shards"].append(entry)
+        _write_manifest(self.folder, self.manifest)
+        print(
+            f"{path.name} ({k + 1}/{self.n_shards}): {len(recs)} prompts, "
+            f"{entry['completion_tokens']} tokens in {dt:.0f} s = "
+            f"{entry['completion_tokens'] / dt:.1f} tok/s (cpu {cpu:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _generate_shards(
     model: Any,
     tokenizer: Any,
     args: argparse.Namespace,
-    plan: list[sources.Prompt],
-    ids: list[list[int]],
+    plan_ids: list[list[int]],
     eos_ids: list[int],
     engine: str,
-    path: Path,
-    vocab_size: int,
-    k: int,
-    n_shards: int,
-) -> dict[str, Any]:
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    tokens = [0, 0]  # completions, tokens
+    pending: list[int],
+    writer: _ShardWriter,
+) -> None:
+    """Generate the pending shards in order, each written as it completes. No shard starts
+    after --time-limit seconds. The fast engine decodes them as one stream (a finished row's
+    slot takes the next prompt, of the next shard too, so no shard ends with a half-empty
+    batch), each shard's prompts shortest first; the hf engine runs one shard at a time."""
 
-    def on_done(i: int, g: Generation) -> None:
-        tokens[0] += 1
-        tokens[1] += len(g.ids)
-        if not args.no_progress and tokens[0] % 64 == 0:
-            dt = time.perf_counter() - t0
-            print(
-                f"  {path.name}: {tokens[0]}/{len(ids)} done, {tokens[1]} tokens, "
-                f"{tokens[1] / dt:.1f} tok/s",
-                file=sys.stderr,
-                flush=True,
-            )
+    def may_start() -> bool:
+        limit = args.time_limit
+        return limit is None or time.perf_counter() - writer.t_start <= limit
 
-    gens = generate(model, tokenizer, ids, args, eos_ids, engine, on_done=on_done)
-    recs = [
-        Record(p.file, p.row, x, g.ids, g.finish) for p, x, g in zip(plan, ids, gens, strict=True)
-    ]
-    entry = write_shard(path, recs, vocab_size)
-    dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    entry.update(
-        seconds=round(dt, 1),
-        cpu_seconds=round(cpu, 1),
-        engine=engine,
-        batch_size=args.batch_size,
-        threads=torch.get_num_threads(),
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    if engine != "fast":
+        for k in pending:
+            if not may_start():
+                return
+            rows = writer.rows(k)
+            gens = generate(model, tokenizer, [plan_ids[i] for i in rows], args, eos_ids, engine)
+            for i, g in zip(rows, gens, strict=True):
+                writer.add(i, g)
+        return
+    index = [i for k in pending for i in writer.rows(k)]  # prompt j of the call is plan index[j]
+    order: list[int] = []
+    firsts = set()  # admission may stop only where a shard begins: none is left half done
+    for k in pending:
+        block = range(len(order), len(order) + len(writer.rows(k)))
+        order += sorted(block, key=lambda j: len(plan_ids[index[j]]))
+        firsts.add(order[block.start])
+    generate_greedy(
+        model,
+        [plan_ids[i] for i in index],
+        args.max_new_tokens,
+        eos_ids,
+        args.batch_size,
+        on_done=lambda j, g: writer.add(index[j], g),
+        order=order,
+        admit=lambda j: j not in firsts or may_start(),
     )
-    print(
-        f"{path.name} ({k + 1}/{n_shards}): {len(recs)} prompts, "
-        f"{entry['completion_tokens']} tokens in {dt:.0f} s = "
-        f"{entry['completion_tokens'] / dt:.1f} tok/s (cpu {cpu:.0f} s)",
-        file=sys.stderr,
-        flush=True,
-    )
-    return entry
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:

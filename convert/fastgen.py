@@ -209,8 +209,15 @@ def generate_greedy(
     eos_ids: Sequence[int],
     batch_size: int = 64,
     on_done: Callable[[int, Generation], None] | None = None,
-) -> list[Generation]:
-    """Greedy completions of token-id prompts, `batch_size` sequences decoding at once."""
+    order: Sequence[int] | None = None,
+    admit: Callable[[int], bool] | None = None,
+) -> list[Generation | None]:
+    """Greedy completions of token-id prompts, `batch_size` sequences decoding at once.
+
+    order: the order prompts are admitted in (default: shortest first). admit(i), asked before
+    prompt i is admitted: False admits no more prompts, and those never admitted get None (with
+    no `admit`, every prompt gets its Generation). on_done(i, generation) as each one finishes.
+    """
     n = len(prompts)
     out: list[Generation | None] = [None] * n
     if n == 0:
@@ -226,7 +233,10 @@ def generate_greedy(
     shared = shared_prefix(prompts)
     if shared >= MIN_SHARED_PREFIX:
         lm.set_prefix(prompts[0][:shared])
-    order = sorted(range(n), key=lambda i: len(prompts[i]))  # stable: ties keep list order
+    if order is None:
+        order = sorted(range(n), key=lambda i: len(prompts[i]))  # stable: ties keep list order
+    elif sorted(order) != list(range(n)):
+        raise ValueError("order must list every prompt index once")
     todo = 0  # next prompt to admit, as an index into `order`
     row = [-1] * slots  # prompt index held by each slot (-1: empty)
     gen: list[list[int]] = [[] for _ in range(slots)]
@@ -249,10 +259,13 @@ def generate_greedy(
         if len(gen[s]) >= max_new_tokens:
             finish(s, "length")
 
-    def admit(s: int) -> None:
+    def fill(s: int) -> None:
         """Fill slot s with the next prompts until one still needs decoding steps."""
         nonlocal todo
         while row[s] < 0 and todo < n:
+            if admit is not None and not admit(order[todo]):
+                todo = n  # admit nothing more
+                break
             i, todo = order[todo], todo + 1
             row[s], gen[s] = i, []
             tok = lm.prefill(s, prompts[i])
@@ -260,7 +273,7 @@ def generate_greedy(
             push(s, tok)
 
     for s in range(slots):
-        admit(s)
+        fill(s)
     while True:
         live = [s for s in range(slots) if row[s] >= 0]
         if not live:
@@ -278,8 +291,8 @@ def generate_greedy(
             if row[s] >= 0:
                 pos[s] += 1
                 push(s, int(new[s]))
-                admit(s)
+                fill(s)
     missing = [i for i, g in enumerate(out) if g is None]
-    if missing:
+    if missing and admit is None:
         raise RuntimeError(f"internal error: prompts {missing[:5]} were never generated")
-    return out  # type: ignore[return-value]
+    return out

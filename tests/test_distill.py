@@ -354,3 +354,40 @@ def test_train_reads_a_shards_folder(tiny_dir, tmp_path):
     assert [r["step"] for r in log] == [1, 2]
     evaluated = json.loads((model / "eval.json").read_text())
     assert evaluated["examples"] == 5 and evaluated["stream1_n"] > 0
+
+
+def test_fast_greedy_admits_in_the_given_order_until_told_to_stop(tiny):
+    model, _ = tiny
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(4, 90, (int(n),), generator=g).tolist() for n in (3, 8, 5, 2, 6, 4)]
+    asked = []
+
+    def admit(i):
+        asked.append(i)
+        return i != 2
+
+    gens = generate_greedy(model, prompts, 6, [EOS], batch_size=2, order=[5, 4, 3, 2, 1, 0],
+                           admit=admit)  # fmt: skip
+    assert asked == [5, 4, 3, 2]
+    assert gens[0] is gens[1] is gens[2] is None
+    for i in (3, 4, 5):
+        assert gens[i].ids == hf_greedy(model, prompts[i], 6)
+    with pytest.raises(ValueError, match="every prompt index once"):
+        generate_greedy(model, prompts, 6, [EOS], order=[0, 0, 1, 2, 3, 4])
+
+
+def test_time_limit_stops_between_shards_and_never_halfway(tiny_dir, tmp_path, monkeypatch):
+    # A clock that jumps 1,000 s whenever a shard is written: with a 500 s limit, only the
+    # shards whose first prompt was admitted before the first write may run, and each of
+    # those must be finished and listed.
+    out = tmp_path / "run"
+    clock = lambda: 1000.0 * len(list(out.glob("shard-*.npz")))  # noqa: E731
+    monkeypatch.setattr(distill.time, "perf_counter", clock)
+    manifest = run(tiny_dir, make_data(tmp_path / "data"), out, "--time-limit", "500")
+    names = sorted(p.name for p in out.glob("shard-*.npz"))
+    assert 1 <= len(names) < 4
+    assert [e["name"] for e in manifest["shards"]] == names
+    assert sum(e["records"] for e in manifest["shards"]) == 5 * len(names)
+    assert not list(out.glob(".*"))
+    # A shard's seconds are the time since the previous shard was written (the clock's jump).
+    assert [e["seconds"] for e in manifest["shards"]] == [1000.0] * len(names)

@@ -48,10 +48,11 @@ MATCH_BUCKETS = (1, 2, 3, 4, 8, 16)
 # chatterbot, self-instruct, wwdc25 train in data/distilled/smollm2_permissive_t128; 114K
 # positions, 3 candidates each). Held-out Vicuna-bench answers give nearly the same first-token
 # rates (0.18 / 0.50 / 0.56 / 0.72 / 0.82 over 1,954 positions). P(stream d's top-1 right |
-# streams < d right): a guess near the shipped streams' held-out stream-1 top-1 (40.6%).
+# streams < d right): `ss-mlx tune`'s measurement of the shipped streams on 12 training-side chat
+# prompts (6 ShareGPT first turns, 6 wwdc25 train; 758 positions): 0.41 / 0.20 / 0.13 / 0.13.
 LOOKUP_FIRST_PRIOR = (0.17, 0.48, 0.56, 0.71, 0.86, 0.98)
 LOOKUP_CONTINUE_PRIOR = (0.72, 0.8, 0.85, 0.88, 0.9, 0.91, 0.92)  # the last for any deeper
-STREAM_TOP1_PRIOR = (0.4, 0.5, 0.6)  # stream 1, 2, then every later one
+STREAM_TOP1_PRIOR = (0.41, 0.2, 0.13)  # stream 1, 2, then every later one
 MAX_PRIOR = 0.98  # no measured rate is taken as certainty
 
 

@@ -364,7 +364,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     loss_kw = dict(
         alpha0=args.alpha0, alpha_streams=args.alpha_streams, exit_weight=args.exit_weight
     )
-    own_targets = args.targets
+    targets = args.targets
     # Mixed precision for the training passes only (parameters, optimizer and eval stay fp32):
     # on a CPU with AMX or AVX-512 BF16 the frozen trunk runs ~3x faster; elsewhere slower.
     autocast = (
@@ -413,7 +413,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
             with nullcontext() if sync else model.no_sync():
                 with autocast:
                     loss, metrics = _batch_loss(
-                        model, core, batch, idx, cache, loss_kw, own_targets, anchors
+                        model, core, batch, idx, cache, loss_kw, targets, anchors
                     )
                 (loss / args.grad_accum).backward()
             accumulate(window, metrics)

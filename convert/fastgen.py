@@ -146,23 +146,18 @@ class FastLM:
         pos = torch.arange(P, L, device=self.device)[None]
         self._rope = self.rotary(x, pos)
         # Query i (position P+i) sees keys 0..P+i: the cached prefix and the causal part of its own.
-        mask = torch.arange(L, device=self.device)[None] <= pos[0][:, None]  # (L-P, L)
+        mask = torch.arange(L, device=self.device)[None] <= pos[0][:, None] if P else None
         for i, (lay, kc, vc) in enumerate(zip(self.layers, self.k, self.v, strict=True)):
             q, k, v = self._qkv(lay, x, pos)
-            if P:
-                kc[slot, :, :P] = self.prefix_k[i]
-                vc[slot, :, :P] = self.prefix_v[i]
             kc[slot, :, P:L] = k[0]
             vc[slot, :, P:L] = v[0]
             if P:
+                kc[slot, :, :P] = self.prefix_k[i]
+                vc[slot, :, :P] = self.prefix_v[i]
                 k, v = kc[slot : slot + 1, :, :L], vc[slot : slot + 1, :, :L]
-                attn = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True
-                )
-            else:
-                attn = F.scaled_dot_product_attention(
-                    q, k, v, is_causal=True, scale=self.scale, enable_gqa=True
-                )
+            attn = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=not P, scale=self.scale, enable_gqa=True
+            )
             x = self._finish_layer(lay, x, attn)
         return int(self._logits(x[:, -1]).argmax(-1))
 

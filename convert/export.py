@@ -33,7 +33,7 @@ from ss_mlx.config import CONFIG_KEY, MEDUSA_FILE, MEDUSA_KEY, STREAMS_FILE, SSC
 from ss_mlx.decode.tree import TreeSpec
 from ss_mlx.files import check_out_dir, make_temp_dir, publish_dir
 from ss_mlx.loader import attach_streams, check_supported
-from ss_mlx.model.streams import check_finite
+from ss_mlx.model.streams import DRAFT_VOCAB, check_finite
 
 from .checkpoint_io import (
     ADAPTER_FILES,
@@ -240,9 +240,12 @@ def export_streams(
         raise ConversionError(f"{src}: config has a '{CONFIG_KEY}' block but no {STREAMS_FILE}")
     store = open_tensor_file(path)
     tensors = {n: store.get(n) for n in store}
+    ids = tensors.pop(DRAFT_VOCAB, None)  # token ids: integers, copied as int32
     not_float = sorted(n for n, t in tensors.items() if not np.issubdtype(t.dtype, np.floating))
     if not_float:
         raise _fail(f"{path}: stream tensors must be floating point", not_float)
+    if ids is not None and not np.issubdtype(ids.dtype, np.integer):
+        raise _fail(f"{path}: the draft vocabulary must hold integer token ids", [DRAFT_VOCAB])
     source = {n: mx.array(t) for n, t in tensors.items()}
     try:
         check_finite(source, str(path))
@@ -256,6 +259,8 @@ def export_streams(
             "values exceed its range; convert with --dtype float32 or bfloat16)",
             overflow,
         )
+    if ids is not None:
+        out[DRAFT_VOCAB] = mx.array(ids.astype(np.int32))
     try:
         # Exactly what ss_mlx.load will do with this directory: names, shapes, RoPE, cache.
         attach_streams(model, cfg, out, str(path))

@@ -16,13 +16,17 @@ def masked_ce(
     mask: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     soft: Soft | None = None,
+    vocab: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int, int]:
     """Mean CE over mask==1 positions, their count and the number of top-1 hits.
 
     logits (..., V) (or (..., D) LM-head inputs when `head` is given), targets/mask (...).
     With `soft` ((..., K) ids, (..., K) probabilities) the CE is against that distribution,
     renormalised over its K tokens (HASS's top-K distillation); hits still count `targets`.
-    An empty mask gives a zero loss that still has a graph.
+    With `vocab` ((V,) each token's index in a draft vocabulary, -1 outside) the logits are over
+    that vocabulary: a target outside it counts as a miss and drops out of the mean (nothing
+    there to learn), as do soft targets' tokens outside it. An empty mask (or no target left)
+    gives a zero loss that still has a graph.
     """
     sel = mask.bool()
     n = int(sel.sum())
@@ -30,14 +34,22 @@ def masked_ce(
         return logits.sum() * 0.0, 0, 0
     # Select rows first: no logits (and no gradient buffers) for prompt and padding rows.
     rows = logits[sel]
-    lg = (rows if head is None else head(rows)).float()  # (n, V)
-    tg = targets[sel]
+    lg = (rows if head is None else head(rows)).float()  # (n, V or V_d)
+    tg = targets[sel] if vocab is None else vocab[targets[sel]]  # (n,)
     if soft is None:
-        loss = F.cross_entropy(lg, tg)
+        keep = tg >= 0
+        loss = F.cross_entropy(lg[keep], tg[keep]) if bool(keep.any()) else lg.sum() * 0.0
     else:
-        ids, p = soft[0][sel], soft[1][sel].float()  # (n, K)
-        p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
-        loss = -(p * lg.log_softmax(-1).gather(-1, ids)).sum(-1).mean()
+        ids, p = soft[0][sel].long(), soft[1][sel].float()  # (n, K)
+        if vocab is not None:
+            ids = vocab[ids]
+            p = p * (ids >= 0)
+            ids = ids.clamp_min(0)
+        mass = p.sum(-1, keepdim=True)  # (n, 1)
+        keep = mass[:, 0] > 0
+        p = p / mass.clamp_min(1e-12)
+        ce = -(p * lg.log_softmax(-1).gather(-1, ids)).sum(-1)  # (n,)
+        loss = ce[keep].mean() if bool(keep.any()) else lg.sum() * 0.0
     correct = int((lg.argmax(-1) == tg).sum())
     return loss, n, correct
 
@@ -54,6 +66,8 @@ def ss_loss(
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     anchors: torch.Tensor | None = None,
     soft: Soft | None = None,
+    stream_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    stream_vocab: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """eq. 5: alpha0 * CE(main_i -> x_{i+1}) + sum_j alpha_j * CE(stream_{i,j} -> x_{i+1+j}).
 
@@ -68,6 +82,8 @@ def ss_loss(
     the streams of a sample of positions only (`StreamingLM.forward(anchors=...)`).
     soft: (B,L,K) ids and probabilities, position i a distribution over token i (aligned like
     input_ids): the stream terms' targets instead of the ids (the main and exit terms keep ids).
+    stream_head, stream_vocab: the stream terms' head (default `head`) and, when it covers a
+    draft vocabulary, each token's index in it (`masked_ce`'s `vocab`).
     """
     L, G = input_ids.shape[1], stream_logits.shape[2]
     weights = (
@@ -79,8 +95,9 @@ def ss_loss(
     total = stream_logits.sum() * 0.0
 
     def add(
-        name: str, weight: float, logits: torch.Tensor, shift: int, anchored: bool, sf: Soft | None
-    ) -> None:
+        name: str, weight: float, logits: torch.Tensor, shift: int, anchored: bool, sf: Soft | None,
+        hd: Callable[[torch.Tensor], torch.Tensor] | None = head, vocab: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
         # Position i predicts token i + shift; positions without a target drop out.
         nonlocal total
         if anchored and anchors is not None:
@@ -91,12 +108,12 @@ def ss_loss(
             if sf is not None:
                 ix = at[..., None].expand(-1, -1, sf[0].shape[-1])  # (B, P, K)
                 sf = (sf[0].gather(1, ix), sf[1].gather(1, ix))
-            loss, n, correct = masked_ce(logits, tg, mk, head, sf)
+            loss, n, correct = masked_ce(logits, tg, mk, hd, sf, vocab)
         else:
             if sf is not None:
                 sf = (sf[0][:, shift:], sf[1][:, shift:])
             loss, n, correct = masked_ce(
-                logits[:, : L - shift], input_ids[:, shift:], loss_mask[:, shift:], head, sf
+                logits[:, : L - shift], input_ids[:, shift:], loss_mask[:, shift:], hd, sf, vocab
             )
         total = total + weight * loss
         metrics.update(term_metrics(name, float(loss.detach()), n, correct))
@@ -105,7 +122,8 @@ def ss_loss(
         add("main", alpha0, main_logits, 1, False, None)
     for j in range(1, G + 1):
         if j + 1 < L:
-            add(f"stream{j}", weights[j - 1], stream_logits[:, :, j - 1], j + 1, True, soft)
+            add(f"stream{j}", weights[j - 1], stream_logits[:, :, j - 1], j + 1, True, soft,
+                stream_head or head, stream_vocab)  # fmt: skip
         else:
             metrics.update(term_metrics(f"stream{j}", 0.0, 0, 0))
     if exit_logits is not None:
@@ -265,6 +283,7 @@ def stream_counts(
     loss_mask: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor],
     k: int = 3,
+    stream_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[tuple[int, int, int]]:
     """Per stream j: (top-k hits, echoes, scored positions). An echo is a stream top-1 that
     repeats the main head's top-1 at the same position (its guess for x_{i+1}) while the
@@ -279,7 +298,7 @@ def stream_counts(
             continue
         sel = loss_mask[:, 1 + j :].bool()  # (B, n): scored targets x_{i+1+j}
         main_top = head(main_hidden[:, :n][sel]).argmax(-1)  # (m,)
-        top = head(stream_hidden[:, :n, j - 1][sel]).topk(k, dim=-1).indices  # (m, k)
+        top = (stream_head or head)(stream_hidden[:, :n, j - 1][sel]).topk(k, dim=-1).indices
         target = input_ids[:, 1 + j :][sel]
         echo = (top[:, 0] == main_top) & (top[:, 0] != target)
         hits = (top == target[:, None]).any(-1)

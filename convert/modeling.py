@@ -104,6 +104,15 @@ class StreamingLM(nn.Module):
             self.prune = nn.Module()
             self.prune.a = nn.Parameter(torch.randn(D, rp) / math.sqrt(D))
             self.prune.b = nn.Parameter(torch.zeros(rp, D))
+        # The draft vocabulary (docs/format.md): the token ids the streams' head covers, and each
+        # token's index among them (-1 outside). Set by the trainer from its data
+        # (`draft_vocab.frequent_tokens`) or by loading a stream file; not trainable.
+        self.draft_vocab: torch.Tensor | None
+        self.to_draft: torch.Tensor | None
+        self.register_buffer("draft_vocab", None, persistent=False)  # buffers follow .to()
+        self.register_buffer("to_draft", None, persistent=False)
+        if self.ss["draft_vocab_size"] > 0:
+            self.set_draft_vocab(torch.arange(self.ss["draft_vocab_size"]))
 
     # ---- access to the HF model's parts --------------------------------------------------------
 
@@ -117,6 +126,39 @@ class StreamingLM(nn.Module):
         """The base's LM head on final normed hidden states (..., D) -> (..., V)."""
         return self.hf().get_output_embeddings()(h)
 
+    def set_draft_vocab(self, ids: torch.Tensor) -> None:
+        """Restrict the streams' head to token ids (V_d,): distinct, ascending, inside V."""
+        V = self.hf().get_output_embeddings().weight.shape[0]
+        ids = ids.detach().long().cpu()
+        n = self.ss["draft_vocab_size"]
+        if ids.shape != (n,):
+            raise ValueError(f"draft vocabulary: expected {n} ids, got shape {tuple(ids.shape)}")
+        if n and (ids[0] < 0 or ids[-1] >= V or (ids.diff() <= 0).any()):
+            raise ValueError(f"draft vocabulary: ids must be distinct, ascending, in [0, {V})")
+        to_draft = torch.full((V,), -1, dtype=torch.long)
+        to_draft[ids] = torch.arange(n)
+        device = self.stream_embeddings.device
+        self.draft_vocab, self.to_draft = ids.to(device), to_draft.to(device)
+
+    def stream_head(self, h: torch.Tensor) -> torch.Tensor:
+        """The streams' LM head: normed states (..., D) -> (..., V_d) logits over the draft
+        vocabulary (index i is token draft_vocab[i]), or (..., V) without one."""
+        if self.draft_vocab is None:
+            return self.lm_head(h)
+        head = self.hf().get_output_embeddings()
+        bias = None if head.bias is None else head.bias[self.draft_vocab]
+        return nn.functional.linear(h, head.weight[self.draft_vocab], bias)
+
+    def stream_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The streams' logits over the whole vocabulary (..., V): -inf outside the draft
+        vocabulary (what the runtime drafts from; docs/format.md)."""
+        if self.draft_vocab is None:
+            return self.lm_head(h)
+        sub = self.stream_head(h)  # (..., V_d)
+        full = sub.new_full((*sub.shape[:-1], self.to_draft.shape[0]), float("-inf"))
+        full[..., self.draft_vocab] = sub
+        return full
+
     # ---- stream parameters in docs/format.md naming ------------------------------------------
 
     def ss_state_dict(self) -> dict[str, torch.Tensor]:
@@ -129,6 +171,8 @@ class StreamingLM(nn.Module):
         if self.prune is not None:
             out["prune.a"] = self.prune.a.detach()
             out["prune.b"] = self.prune.b.detach()
+        if self.draft_vocab is not None:
+            out["draft_vocab"] = self.draft_vocab.to(torch.int32)
         return out
 
     def load_ss_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -142,7 +186,10 @@ class StreamingLM(nn.Module):
             )
         with torch.no_grad():
             for k, v in own.items():
-                v.copy_(tensors[k].to(v.dtype))
+                if k == "draft_vocab":
+                    self.set_draft_vocab(tensors[k])
+                else:
+                    v.copy_(tensors[k].to(v.dtype))
 
     # ---- forward ---------------------------------------------------------------------------------
 
@@ -227,7 +274,8 @@ class StreamingLM(nn.Module):
         outs = (base_output.main_hidden, streams, exits)
         if return_hidden:
             return outs
-        return tuple(None if h is None else self.lm_head(h) for h in outs)  # type: ignore[return-value]
+        main, exits = (None if h is None else self.lm_head(h) for h in (outs[0], outs[2]))
+        return main, self.stream_logits(streams), exits
 
     def stream_hidden(
         self,

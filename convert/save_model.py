@@ -48,8 +48,12 @@ TOKENIZER_FILES = (
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> Path:
-    """float32, contiguous, on CPU; written under a temp name and renamed."""
-    flat = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    """Floats as float32 (integers, such as token ids, kept), contiguous, on CPU; written under a
+    temp name and renamed."""
+    flat = {
+        k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+        for k, v in tensors.items()
+    }
     return atomic_write(path, lambda p: save_file(flat, str(p), metadata={"format": "pt"}))
 
 

@@ -271,14 +271,23 @@ def training_examples(folder: str | Path, tokenizer: Any, max_seq_len: int) -> l
     return [Example(e.input_ids[:max_seq_len], e.loss_mask[:max_seq_len]) for e in examples]
 
 
+def data_paths(spec: str | Path) -> list[Path]:
+    """The sources a `--data` value names: one path, or several joined by commas."""
+    return [Path(p) for p in str(spec).split(",") if p]
+
+
 def read_training_data(path: str | Path, tokenizer: Any, max_seq_len: int, chat: bool) -> list:
-    """Training or eval examples from a JSONL file (`load_examples`) or a distilled-shards
-    folder (`training_examples`)."""
+    """Training or eval examples from JSONL files (`load_examples`) and distilled-shards
+    folders (`training_examples`): one path, or several joined by commas, in that order."""
     from .data import load_examples
 
-    if Path(path).is_dir():
-        return training_examples(path, tokenizer, max_seq_len)
-    return load_examples(path, tokenizer, max_seq_len, chat)
+    out: list = []
+    for p in data_paths(path):
+        if p.is_dir():
+            out += training_examples(p, tokenizer, max_seq_len)
+        else:
+            out += load_examples(p, tokenizer, max_seq_len, chat)
+    return out
 
 
 def to_examples(records: list[Record] | Iterator[Record], eos_id: int, suffix: list[int]) -> list:

@@ -41,6 +41,7 @@ from .dist import (
     init_distributed,
     shutdown,
 )
+from .draft_vocab import coverage, frequent_tokens
 from .hidden_cache import FrozenBaseCache, main_stats, one_hot_soft
 from .learning_curve import CURVE_FILE, LearningCurve, curve_record, format_point
 from .loss import (
@@ -64,7 +65,7 @@ from .save_model import (
     save_tensors,
     write_config,
 )
-from .shards import read_training_data
+from .shards import data_paths, read_training_data
 
 MODES = ("shared", "lossless", "medusa")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         required=True,
         help="training JSONL (prompt/completion, messages, text) or a distilled-shards folder "
-        "(data/distilled/<run>: the generated ids, exactly)",
+        "(data/distilled/<run>: the generated ids, exactly); several, joined by commas, are read "
+        "in that order",
     )
     p.add_argument("--mode", required=True, choices=MODES)
     p.add_argument("--out", required=True, help="output model directory")
@@ -120,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated block modules for stream adapters (default: all linear modules)",
     )
     p.add_argument("--prune-rank", type=int, default=0, help="early-exit adapter rank (0: none)")
+    p.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=0,
+        help="the streams' LM head covers the N most frequent scored tokens of the training data "
+        "(EAGLE-3's draft vocabulary; a fraction of the head's cost); 0: the whole vocabulary",
+    )
     p.add_argument("--alpha0", type=float, default=1.0, help="main-stream loss weight")
     p.add_argument("--alpha-streams", type=float, default=0.1, help="per-stream loss weight")
     p.add_argument("--exit-weight", type=float, default=0.1, help="early-exit loss weight")
@@ -265,6 +274,7 @@ def build_model(args: argparse.Namespace, base: nn.Module) -> tuple[nn.Module, A
         adapter_scale=args.adapter_alpha / max(args.adapter_rank, 1),
         adapter_modules=tuple(modules),
         prune_rank=args.prune_rank,
+        draft_vocab_size=args.draft_vocab,
     ).to_dict()
     return StreamingLM(base, ss), peft_model
 
@@ -330,7 +340,21 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
 
     base = load_hf_model(args.model, DTYPES[args.dtype], "train")
     resolve_defaults(args, base.config.model_type)
+    if args.draft_vocab < 0 or (args.draft_vocab and args.mode == "medusa"):
+        raise SystemExit("--draft-vocab must be 0 or more, and is for speculative streams only")
     core, peft_model = build_model(args, base)
+    if args.draft_vocab:
+        # From the data, hence the same on every rank and on resume.
+        vocab_size = base.get_output_embeddings().weight.shape[0]
+        try:
+            ids = frequent_tokens(examples, args.draft_vocab, vocab_size)
+        except ValueError as e:
+            raise SystemExit(f"ss-mlx train: error: {e}") from None
+        core.set_draft_vocab(ids)
+        if env.is_main:
+            held = f", held-out {coverage(eval_examples, ids):.1%}" if eval_examples else ""
+            cover = f"{coverage(examples, ids):.1%} of the training targets{held}"
+            print(f"draft vocabulary: {args.draft_vocab} tokens cover {cover}", file=sys.stderr)
     core.to(env.device)
     base_trainable = any(p.requires_grad for p in core.base.parameters())
     if args.stream_positions < 0:
@@ -490,6 +514,7 @@ def _batch_loss(
     soft (its top-K distribution; accuracy still against its argmax)."""
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     kw = dict(exit_logits=None, head=core.lm_head, anchors=anchors, **loss_kw)
+    kw.update(_stream_heads(core))
     # LM-head inputs out of the (DDP) forward; the frozen LM head runs on scored rows only.
     if cache is None:
         main, streams, kw["exit_logits"] = model(ids, attn, return_hidden=True, anchors=anchors)
@@ -511,14 +536,20 @@ def _batch_loss(
     return loss, metrics
 
 
+def _stream_heads(core: nn.Module) -> dict[str, Any]:
+    """ss_loss's stream_head / stream_vocab: the streams' head over their draft vocabulary."""
+    if getattr(core, "draft_vocab", None) is None:
+        return {}
+    return {"stream_head": core.stream_head, "stream_vocab": core.to_draft}
+
+
 def _trunk_key(args: argparse.Namespace, core: nn.Module) -> str:
     """What fixes the cached trunk states: base weights, data file, tokenization, layers."""
     h = hashlib.sha256()
     model_dir = Path(args.model).expanduser()
     files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("tokenizer*.json"))
-    data = Path(args.data)
     # A shards folder is fixed by its manifest, which lists every shard's sha256.
-    files.append(data / "manifest.json" if data.is_dir() else data)
+    files += [d / "manifest.json" if d.is_dir() else d for d in data_paths(args.data)]
     for f in files:
         with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):
@@ -658,14 +689,16 @@ def evaluate(
         ids, mask = batch["input_ids"], batch["loss_mask"]
         main, streams, exits = core(ids, batch["attention_mask"], return_hidden=True)
         _, metrics = ss_loss(
-            main, streams, ids, mask, exit_logits=exits, head=core.lm_head, **loss_kw
-        )
+            main, streams, ids, mask, exit_logits=exits, head=core.lm_head,
+            **_stream_heads(core), **loss_kw,
+        )  # fmt: skip
         accumulate(sums, metrics)
-        chain, count, hist = chain_acceptance(streams, ids, mask, head=core.lm_head)
+        full = getattr(core, "stream_logits", core.lm_head)  # (..., V), -inf outside a draft vocab
+        chain, count, hist = chain_acceptance(streams, ids, mask, head=full)
         sums["chain_sum"] += chain
         sums["chain_n"] += count
         tree_hist = tree_hist + hist
-        counts = stream_counts(main, streams, ids, mask, core.lm_head)
+        counts = stream_counts(main, streams, ids, mask, core.lm_head, stream_head=full)
         for j, (top3, echo, n) in enumerate(counts, 1):
             for key, value in (("top3", top3), ("echo", echo), ("n", n)):
                 sums[f"x{j}_{key}"] += value

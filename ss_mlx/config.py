@@ -47,6 +47,9 @@ class SSConfig:
     adapter_scale: float = 1.0
     adapter_modules: tuple[str, ...] = ()
     prune_rank: int = 0
+    # > 0: the streams' LM head covers only these many tokens (the `draft_vocab` tensor lists
+    # them), EAGLE-3's draft vocabulary: a fraction of the head's cost in training and drafting.
+    draft_vocab_size: int = 0
     tree: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -95,6 +98,7 @@ class SSConfig:
         integer("stream_layers", 1)
         integer("adapter_rank", 0)
         integer("prune_rank", 0)
+        integer("draft_vocab_size", 0)
         scale = self.adapter_scale
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(
             scale

@@ -14,7 +14,13 @@ from .config import CONFIG_KEY, MEDUSA_FILE, STREAMS_FILE, SUPPORTED_MODEL_TYPES
 from .decode.cache import make_cache
 from .decode.tree import as_tree
 from .model.ss_model import SSModel
-from .model.streams import StreamParams, check_tensors, expected_shapes
+from .model.streams import (
+    DRAFT_VOCAB,
+    StreamParams,
+    check_draft_vocab,
+    check_tensors,
+    expected_shapes,
+)
 
 # mlx-lm's Hub patterns drop files it does not know; an SS repo needs its stream/head files.
 SS_FILES = (STREAMS_FILE, MEDUSA_FILE)
@@ -137,6 +143,12 @@ def module_dims(block: nn.Module, names: tuple[str, ...]) -> dict[str, tuple[int
     return dims
 
 
+def head_vocab_size(base: nn.Module) -> int:
+    """Rows of the model's LM head (its own, or the tied embedding's), quantized or not."""
+    head = base.lm_head if hasattr(base, "lm_head") else base.model.embed_tokens
+    return int(head.weight.shape[0])
+
+
 def stream_shapes(base: nn.Module, cfg: SSConfig) -> dict[str, tuple[int, ...]]:
     """The stream tensors `cfg` implies for this trunk (quantized or not)."""
     embed = base.model.embed_tokens
@@ -174,6 +186,8 @@ def attach_streams(
                 f"{source}: the config's '{CONFIG_KEY}.tree' is invalid: {e}"
             ) from None
     check_tensors(tensors, stream_shapes(base, cfg), source)
+    if cfg.draft_vocab_size > 0:
+        check_draft_vocab(tensors[DRAFT_VOCAB], head_vocab_size(base), source)
     streams = StreamParams(cfg, tensors, len(layers) - cfg.stream_layers)
     return SSModel(base, cfg, streams)
 

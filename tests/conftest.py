@@ -9,7 +9,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from ss_mlx.config import SSConfig
-from ss_mlx.loader import attach_streams, stream_shapes
+from ss_mlx.loader import attach_streams, head_vocab_size, stream_shapes
 from ss_mlx.model.streams import random_stream_tensors
 
 TINY_ARGS = dict(
@@ -67,6 +67,7 @@ def tiny_ss_model(
     prune_rank: int = 0,
     seed: int = 0,
     base=None,
+    draft_vocab_size: int = 0,
     **overrides,
 ):
     base = base if base is not None else tiny_base(model_type, seed, **overrides)
@@ -80,6 +81,7 @@ def tiny_ss_model(
             "adapter_modules": list(modules),
             "adapter_scale": 0.5,
             "prune_rank": prune_rank,
+            "draft_vocab_size": draft_vocab_size,
         }
     )
     tensors = random_stream_tensors(
@@ -87,6 +89,7 @@ def tiny_ss_model(
         seed=seed + 1,
         embed_scale=0.5,
         adapter_scale=0.3 if adapter_rank else 0.0,
+        vocab_size=head_vocab_size(base),
     )
     return attach_streams(base, cfg, tensors, "test")
 
@@ -168,8 +171,12 @@ def write_medusa(model_dir, num_heads=3, num_layers=1, shared=True, seed=0, dim=
     mx.save_safetensors(str(model_dir / "medusa_heads.safetensors"), tensors)
     cfg_file = model_dir / "config.json"
     cfg = json.loads(cfg_file.read_text())
-    cfg["medusa"] = {"format_version": 1, "num_heads": num_heads, "num_layers": num_layers,
-                     "lm_head": "shared" if shared else "own"}
+    cfg["medusa"] = {
+        "format_version": 1,
+        "num_heads": num_heads,
+        "num_layers": num_layers,
+        "lm_head": "shared" if shared else "own",
+    }
     cfg_file.write_text(json.dumps(cfg))
 
 

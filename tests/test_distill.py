@@ -321,6 +321,11 @@ def test_shards_train_with_their_exact_ids(tiny_dir, tiny, tmp_path):
         assert e.input_ids == r.prompt_ids + tail
         assert e.loss_mask == [0] * len(r.prompt_ids) + [1] * len(tail)
     assert all(len(e.input_ids) == 6 for e in read_training_data(out, tok, 6, True))
+    # Several sources joined by commas: read in that order.
+    both = read_training_data(f"{jsonl},{out}", tok, 512, True)
+    assert both == [row, *examples]
+    with pytest.raises(DataError, match="nope.jsonl: no such file"):
+        read_training_data(f"{out},{tmp_path / 'nope.jsonl'}", tok, 512, True)
 
     # Ids made with another tokenizer are refused, not trained on.
     other = tmp_path / "other"

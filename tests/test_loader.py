@@ -91,6 +91,48 @@ def test_bad_stream_tensors(ss_dir, edit, msg):
         ss_mlx.load(ss_dir)
 
 
+def _with_draft_vocab(ss_dir, ids):
+    """Give the directory a draft vocabulary of these ids (config and tensor)."""
+    _edit_config(ss_dir, lambda c: c["speculative_streaming"].update(draft_vocab_size=len(ids)))
+    _edit_streams(ss_dir, lambda t: t.update(draft_vocab=ids))
+
+
+@pytest.mark.parametrize(
+    "ids,msg",
+    [
+        (mx.array([1.0, 2.0, 3.0]), "'draft_vocab' must hold integer token ids"),
+        (mx.array([1, 3, 2], dtype=mx.int32), "distinct ascending token ids in \\[0, 128\\)"),
+        (mx.array([1, 2, 2], dtype=mx.int32), "distinct ascending"),
+        (mx.array([1, 2, 128], dtype=mx.int32), "distinct ascending"),
+        (mx.array([-1, 2, 3], dtype=mx.int32), "distinct ascending"),
+    ],
+)
+def test_bad_draft_vocab(ss_dir, ids, msg):
+    _with_draft_vocab(ss_dir, ids)
+    with pytest.raises(ValueError, match=msg):
+        ss_mlx.load(ss_dir)
+
+
+def test_draft_vocab_missing_or_unannounced(ss_dir):
+    _edit_config(ss_dir, lambda c: c["speculative_streaming"].update(draft_vocab_size=3))
+    with pytest.raises(ValueError, match="missing tensors: \\['draft_vocab'\\]"):
+        ss_mlx.load(ss_dir)
+    _edit_config(ss_dir, lambda c: c["speculative_streaming"].update(draft_vocab_size=0))
+    _edit_streams(ss_dir, lambda t: t.update(draft_vocab=mx.array([1, 2, 3], dtype=mx.int32)))
+    with pytest.raises(ValueError, match="unexpected tensors: \\['draft_vocab'\\]"):
+        ss_mlx.load(ss_dir)
+
+
+def test_draft_vocab_loads_and_decodes_like_mlx_lm(ss_dir):
+    _with_draft_vocab(ss_dir, mx.array([2, 5, 7, 11, 60, 99], dtype=mx.int32))
+    model, tok = ss_mlx.load(ss_dir)
+    assert model.streams.draft.ids.tolist() == [2, 5, 7, 11, 60, 99]
+    base, tok2 = mlx_lm.load(str(ss_dir))
+    assert ss_mlx.generate(model, tok, "hello", max_tokens=12) == mlx_lm.generate(
+        base, tok2, "hello", max_tokens=12
+    )
+
+
 def _edit_config(d, fn):
     cfg = json.loads((d / "config.json").read_text())
     fn(cfg)

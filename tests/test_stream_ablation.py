@@ -82,7 +82,8 @@ def test_a_points_epochs_set_its_steps_and_are_no_trainer_flag(tmp_path, monkeyp
     distilled.mkdir()
     manifest = {"format": "ss-mlx-distilled-shards", "totals": {"records": 5000}}
     (distilled / "manifest.json").write_text(json.dumps(manifest))
-    sources = {"sharegpt": tmp_path / "d.jsonl", "permissive": distilled}
+    sources = {"sharegpt": str(tmp_path / "d.jsonl"), "permissive": str(distilled),
+               "mixed": f"{tmp_path / 'nothing'},{distilled}"}  # fmt: skip
     points = (("size-7000-ns8", 7000 // 4), ("size-2100", 2 * 2100 // 4),
               ("distilled-900-ns8", 2 * 900 // 4), ("soft-ns8", 2 * 2100 // 4))  # fmt: skip
     for name, steps in points:
@@ -98,7 +99,13 @@ def test_a_points_epochs_set_its_steps_and_are_no_trainer_flag(tmp_path, monkeyp
     assert seen[2].count("--data") == 1
     assert [c[c.index("--targets") + 1] for c in seen] == ["base", "base", "base", "soft"]
     assert all(c.count("--targets") == 1 for c in seen)
+    # One epoch: no trunk cache (it would save nothing); the distilled points' draft vocabulary.
+    assert [c[c.index("--cache-hidden") + 1] for c in seen] == ["off", "on", "on", "on"]
+    assert seen[2][seen[2].index("--draft-vocab") + 1] == "16384" and "--draft-vocab" not in seen[1]
+    # Counted over all the folders of a source.
+    with pytest.raises(SystemExit, match="needs 5200 distilled rows, mixed has 5000"):
+        mod.run_point("mixed-5200-ns8", "base", sources, tmp_path / "e.jsonl", tmp_path)
     # A point never trains on fewer distilled rows than it names.
-    with pytest.raises(SystemExit, match="needs 5200 distilled rows, distilled has 5000"):
+    with pytest.raises(SystemExit, match="needs 5200 distilled rows, permissive has 5000"):
         mod.run_point("distilled-5200-ns8", "base", sources, tmp_path / "e.jsonl", tmp_path)
     assert len(seen) == 4

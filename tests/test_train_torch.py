@@ -541,3 +541,53 @@ def test_eval_streams_script_matches_train_eval(workdir, tmp_path):
     for key in ("stream1_acc", f"stream{G}_acc", "stream1_top3", "stream1_echo",
                 "accepted_streams_mean"):  # fmt: skip
         assert got[key] == pytest.approx(want[key], abs=1e-6), key
+
+
+def test_draft_vocab_trains_converts_and_decodes_exactly(workdir, tmp_path):
+    """--draft-vocab: the streams' head covers the most frequent scored tokens; it trains, ships
+    as int32 ids, passes the parity gate and decodes exactly what the base does."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from ss_mlx_convert.export import convert
+    from ss_mlx_convert.pretrained import load_hf_tokenizer
+    from ss_mlx_convert.shards import read_training_data
+
+    import ss_mlx
+
+    out, n = tmp_path / "out", 12
+    res = run_train(workdir, "llama", "lossless", out, "--max-steps", "30", "--save-every", "0",
+                    "--draft-vocab", str(n), "--eval", str(workdir / "eval.jsonl"))  # fmt: skip
+    curve = losses(out, "streams")
+    assert curve[-1] < 0.8 * curve[0], curve
+    config = json.loads((out / "config.json").read_text())
+    assert config["speculative_streaming"]["draft_vocab_size"] == n
+    ids = load_file(str(out / "speculative_streams.safetensors"))["draft_vocab"]
+    assert ids.dtype == torch.int32 and ids.shape == (n,) and bool((ids.diff() > 0).all())
+    # The n most frequent scored tokens of the training data: none outside is more frequent.
+    tok = load_hf_tokenizer(str(workdir / "llama"), "test")
+    counts: dict[int, int] = {}
+    for e in read_training_data(workdir / "train.jsonl", tok, 1024, True):
+        for t, m in zip(e.input_ids, e.loss_mask, strict=True):
+            counts[t] = counts.get(t, 0) + m
+    inside = set(ids.tolist())
+    assert min(counts.get(t, 0) for t in inside) >= max(
+        (c for t, c in counts.items() if t not in inside), default=0
+    )
+    # Stream logits are -inf exactly outside the vocabulary; the main head is untouched.
+    x = torch.randint(4, 80, (1, 10))
+    with torch.no_grad():
+        main, streams, _ = res.model(x)
+    outside = torch.ones(streams.shape[-1], dtype=torch.bool)
+    outside[ids.long()] = False
+    assert torch.isinf(streams[..., outside]).all() and torch.isfinite(streams[..., ~outside]).all()
+    assert torch.equal(main, fresh_logits(workdir / "llama", x))
+    ev = json.loads((out / "eval.json").read_text())
+    assert 0.0 < ev["stream1_acc"] <= ev["stream1_top3"] <= 1.0
+
+    mlx_dir = convert(out, tmp_path / "mlx", check=True)  # the parity gate, stream logits too
+    model, _ = ss_mlx.load(mlx_dir)
+    assert model.streams.draft.ids.tolist() == ids.tolist()
+    prompt = mx.array([5, 9, 17, 6, 30, 8], dtype=mx.int32)
+    got = [s.token for s in ss_mlx.ss_generate_step(prompt, model, max_tokens=24, tree="2,2")]
+    want = [t for t, _ in generate_step(prompt, model.base, max_tokens=24)]
+    assert got == want

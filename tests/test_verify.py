@@ -151,13 +151,15 @@ def model_pair_probs(model, prompt, cfg):
 
 
 @pytest.mark.parametrize(
-    "rule,tree,prompt",
-    [("rrs", "2,1", [1, 4, 2]), ("typical", "2,1", [1, 4, 2]),
+    "rule,tree,prompt,draft_vocab",
+    [("rrs", "2,1", [1, 4, 2], 0), ("typical", "2,1", [1, 4, 2], 0),
+     # Streams drafting from 3 of the 6 tokens: q is 0 on the others, p is not.
+     ("rrs", "2,1", [1, 4, 2], 3),
      # The hybrid tree (lookup drafts without a distribution: verified by "simple"); the
      # repeats in the prompt give lookup matches to draft.
-     ("rrs", "dynamic", [1, 4, 2, 1, 4, 2, 1]), ("simple", "dynamic", [3, 3, 3, 3])],
+     ("rrs", "dynamic", [1, 4, 2, 1, 4, 2, 1], 0), ("simple", "dynamic", [3, 3, 3, 3], 0)],
 )
-def test_end_to_end_sampling_matches_model(rule, tree, prompt):
+def test_end_to_end_sampling_matches_model(rule, tree, prompt, draft_vocab):
     """Real decoding loop on a tiny model: SS samples vs the model's exact distribution, and the
     relaxed typical rule is caught by the same check."""
     model = tiny_ss_model(
@@ -169,6 +171,7 @@ def test_end_to_end_sampling_matches_model(rule, tree, prompt):
         num_hidden_layers=2,
         hidden_size=32,
         intermediate_size=64,
+        draft_vocab_size=draft_vocab,
     )
     cfg = SamplerConfig(temp=1.0)
     mx.random.seed(0)

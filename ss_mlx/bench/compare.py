@@ -85,7 +85,7 @@ def build_methods(
     ss_model, ss_tokenizer = load(models.ss)
     methods = [ar_method(base), _renamed(ar_method(ss_model.base), SS_REFERENCE),
                ss_method(ss_model, tree, name="ss")]
-    n_streams = sum(v.size for v in ss_model.streams.tensors().values())
+    n_streams = ss_model.streams.num_parameters()
     info: dict[str, dict[str, Any]] = {
         BASELINE: {"model": str(models.baseline), "reference": BASELINE, "extra_params": 0},
         SS_REFERENCE: {"model": str(models.ss), "reference": SS_REFERENCE, "extra_params": 0},
@@ -96,7 +96,7 @@ def build_methods(
         methods.append(ss_method(lossless, tree, name="ss-lossless"))
         info["ss-lossless"] = {
             "model": str(models.ss_lossless), "reference": BASELINE,
-            "extra_params": sum(v.size for v in lossless.streams.tensors().values())}
+            "extra_params": lossless.streams.num_parameters()}
     if models.medusa is not None:
         medusa_base, _ = mlx_lm.load(str(models.medusa))
         heads = load_medusa(models.medusa, medusa_base)

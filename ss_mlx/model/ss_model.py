@@ -8,7 +8,12 @@ import mlx.nn as nn
 from ..config import SSConfig
 from . import arch
 from .attention import with_context
-from .streams import StreamParams, insert_streams
+from .streams import DraftVocab, StreamParams, insert_streams
+
+
+def _head_module(base: nn.Module) -> nn.Module:
+    """The module holding the LM head's weight: lm_head, or the tied input embedding."""
+    return base.lm_head if hasattr(base, "lm_head") else base.model.embed_tokens
 
 
 def _head(base: nn.Module, h: mx.array) -> mx.array:
@@ -17,6 +22,38 @@ def _head(base: nn.Module, h: mx.array) -> mx.array:
     if hasattr(base, "lm_head"):
         return base.lm_head(h)
     return base.model.embed_tokens.as_linear(h)
+
+
+class DraftHead:
+    """The LM head restricted to a draft vocabulary (for stream rows).
+
+    Its rows of the vocabulary are sliced once per head weight (quantized or not) and kept: a
+    per-step gather would copy them every pass. A cast or update of the weights makes new arrays,
+    hence a new slice. A plain object, not a Module: the slice is no parameter of the model.
+    """
+
+    def __init__(self, vocab: DraftVocab):
+        self.ids = vocab.ids  # (V_d,)
+        self._weight: mx.array | None = None  # the head weight the slice was taken from
+        self._rows: dict[str, mx.array] = {}
+
+    def __call__(self, base: nn.Module, h: mx.array) -> mx.array:
+        """Normed hidden states h (..., D) -> logits over the draft vocabulary (..., V_d)."""
+        head = _head_module(base)
+        if self._weight is not head["weight"]:
+            names = [n for n in ("weight", "scales", "biases", "bias") if n in head]
+            self._rows = {n: head[n][self.ids] for n in names}
+            mx.eval(self._rows)
+            self._weight = head["weight"]
+        r = self._rows
+        if hasattr(head, "bits"):
+            out = mx.quantized_matmul(
+                h, r["weight"], scales=r["scales"], biases=r.get("biases"), transpose=True,
+                group_size=head.group_size, bits=head.bits, mode=getattr(head, "mode", "affine"),
+            )  # fmt: skip
+        else:
+            out = h @ r["weight"].T
+        return out + r["bias"] if "bias" in r else out
 
 
 def plain_tree_forward(
@@ -73,6 +110,7 @@ class SSModel(nn.Module):
         # A plain list, not an mx.array attribute: arrays on a Module are parameters, and a
         # dtype cast of the parameters would turn these integer positions into floats.
         self._offsets = cfg.stream_position_offsets()
+        self._draft_head = DraftHead(streams.draft) if streams.draft is not None else None
 
     @property
     def inner(self) -> nn.Module:
@@ -83,8 +121,19 @@ class SSModel(nn.Module):
         return self.cfg.num_streams
 
     def head(self, h: mx.array) -> mx.array:
-        """Final norm + LM head, shared by main and stream rows. h: (..., D) -> (..., V)."""
+        """Final norm + LM head. h: (..., D) -> (..., V)."""
         return _head(self.base, h)
+
+    def stream_head(self, h: mx.array) -> mx.array:
+        """Final norm + the streams' LM head. h: (..., D) -> (..., V): the main head, or with a
+        draft vocabulary its rows of that vocabulary and -inf for every other token."""
+        if self._draft_head is None:
+            return self.head(h)
+        sub = self._draft_head(self.base, self.inner.norm(h))  # (..., V_d)
+        V = int(_head_module(self.base)["weight"].shape[0])
+        full = mx.full((*sub.shape[:-1], V), -mx.inf, dtype=sub.dtype)  # (..., V)
+        ids = mx.broadcast_to(self._draft_head.ids, sub.shape)
+        return mx.put_along_axis(full, ids, sub, axis=-1)
 
     def _forward(
         self,
@@ -138,13 +187,15 @@ class SSModel(nn.Module):
 
         The tree's main K/V are appended to `cache` tentatively (see `cache.commit_path`). Only
         the first `depth` streams are computed (a tree `depth` deep drafts from no others), and
-        for small trees their LM head is fused with the main rows' (one read of the head).
+        for small trees their LM head is fused with the main rows' (one read of the head; not
+        with a draft vocabulary, whose head is another, smaller matrix).
         tokens, positions: (T,); ancestor_mask: (T, T) bool.
         """
         main, streams = self._forward(tokens, positions, ancestor_mask, cache, depth)
         T = tokens.shape[0]
         streams = streams[0].reshape(T, depth, main.shape[-1])  # (T, depth, D)
-        if depth > 0 and T * (1 + depth) <= FUSED_HEAD_MAX_ROWS:
+        fuse = self._draft_head is None and T * (1 + depth) <= FUSED_HEAD_MAX_ROWS
+        if depth > 0 and fuse:
             rows = mx.concatenate([main[0], streams.reshape(T * depth, -1)], axis=0)
             logits = self.head(rows)
             return TreeOutput(logits[:T], logits[T:].reshape(T, depth, -1), True)
@@ -152,7 +203,7 @@ class SSModel(nn.Module):
 
     def stream_logits_at(self, out: TreeOutput, node: mx.array) -> mx.array:
         """The draft logits (depth, V) of the streams of one node of a tree pass."""
-        return out.streams[node] if out.fused else self.head(out.streams[node])
+        return out.streams[node] if out.fused else self.stream_head(out.streams[node])
 
     def full_forward(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
         """Every position with its streams, no cache (the training-time computation).
@@ -164,7 +215,7 @@ class SSModel(nn.Module):
         L = tokens.shape[1]
         causal = mx.tril(mx.ones((L, L), dtype=mx.bool_))
         main, streams = self._forward(tokens[0], mx.arange(L), causal, None)
-        return self.head(main), self.head(streams).reshape(1, L, self.num_streams, -1)
+        return self.head(main), self.stream_head(streams).reshape(1, L, self.num_streams, -1)
 
     def exit_logits(self, tokens: mx.array) -> mx.array:
         """Early-exit logits at the stream insertion point (needs `prune_rank` > 0).

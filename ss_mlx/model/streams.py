@@ -41,8 +41,22 @@ def check_finite(tensors: dict[str, mx.array], source: str) -> None:
     """Refuse NaN/Inf stream parameters: a masked stream row holding NaN still poisons the main
     rows through attention (0 * NaN), so they must never enter the model."""
     for name, t in tensors.items():
-        if not mx.all(mx.isfinite(t.astype(mx.float32))).item():
+        if name != DRAFT_VOCAB and not mx.all(mx.isfinite(t.astype(mx.float32))).item():
             raise ValueError(f"{source}: stream tensor {name!r} holds NaN or Inf values")
+
+
+DRAFT_VOCAB = "draft_vocab"  # the tensor of the draft vocabulary's token ids (docs/format.md)
+
+
+def check_draft_vocab(ids: mx.array, vocab_size: int, source: str) -> None:
+    """A draft vocabulary is distinct ascending integer token ids of the model's vocabulary."""
+    if not mx.issubdtype(ids.dtype, mx.integer):
+        raise ValueError(f"{source}: {DRAFT_VOCAB!r} must hold integer token ids, got {ids.dtype}")
+    a = np.array(ids).astype(np.int64)
+    if a.size and (a[0] < 0 or a.max() >= vocab_size or (np.diff(a) <= 0).any()):
+        raise ValueError(
+            f"{source}: {DRAFT_VOCAB!r} must be distinct ascending token ids in [0, {vocab_size})"
+        )
 
 
 def expected_shapes(
@@ -59,6 +73,8 @@ def expected_shapes(
     if cfg.prune_rank > 0:
         shapes["prune.a"] = (hidden, cfg.prune_rank)
         shapes["prune.b"] = (cfg.prune_rank, hidden)
+    if cfg.draft_vocab_size > 0:
+        shapes[DRAFT_VOCAB] = (cfg.draft_vocab_size,)
     return shapes
 
 
@@ -104,6 +120,9 @@ class StreamParams(nn.Module):
             for layer in range(first_layer, first_layer + cfg.stream_layers)
         }
         self.prune = (tensors["prune.a"], tensors["prune.b"]) if cfg.prune_rank > 0 else None
+        # Token ids, not parameters: held in a plain object, so that a dtype cast of the
+        # model's parameters leaves them integers.
+        self.draft = DraftVocab(tensors[DRAFT_VOCAB]) if cfg.draft_vocab_size > 0 else None
 
     def rows(self, layer: int, n_main: int, num_streams: int | None = None) -> StreamRows:
         """The row layout of `layer` with the first `num_streams` streams (default: all)."""
@@ -121,7 +140,20 @@ class StreamParams(nn.Module):
                 out[f"adapters.{layer}.{name}.b"] = b
         if self.prune is not None:
             out["prune.a"], out["prune.b"] = self.prune
+        if self.draft is not None:
+            out[DRAFT_VOCAB] = self.draft.ids
         return out
+
+    def num_parameters(self) -> int:
+        """Learned values (the draft vocabulary's token ids are none)."""
+        return sum(t.size for n, t in self.tensors().items() if n != DRAFT_VOCAB)
+
+
+class DraftVocab:
+    """The token ids (V_d,) the streams' head covers."""
+
+    def __init__(self, ids: mx.array):
+        self.ids = ids.astype(mx.int32)
 
 
 def random_stream_tensors(
@@ -129,11 +161,18 @@ def random_stream_tensors(
     seed: int = 0,
     embed_scale: float = 0.02,
     adapter_scale: float = 0.0,
+    vocab_size: int | None = None,
 ) -> dict[str, mx.array]:
-    """Fresh stream parameters: small random P_j; adapters `b` zero (off) unless adapter_scale>0."""
+    """Fresh stream parameters: small random P_j; adapters `b` zero (off) unless adapter_scale>0;
+    a draft vocabulary of random ids below `vocab_size` (the lowest ids without it)."""
     rng = np.random.default_rng(seed)
     out = {}
     for name, shape in shapes.items():
+        if name == DRAFT_VOCAB:
+            n = shape[0]
+            ids = np.arange(n) if vocab_size is None else rng.choice(vocab_size, n, replace=False)
+            out[name] = mx.array(np.sort(ids).astype(np.int32))
+            continue
         if name == "stream_embeddings":
             arr = rng.normal(0.0, embed_scale, shape)
         elif name.endswith(".b") and adapter_scale == 0.0:

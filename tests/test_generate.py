@@ -232,24 +232,18 @@ def test_bad_inputs():
 @pytest.mark.parametrize("draft_vocab", [0, 50])
 def test_lossless_quantized_trunk(bits, draft_vocab):
     """Quantized trunks (what Macs run) take the same tree path; stream parameters stay float; a
-    draft vocabulary's head is the quantized head's rows, as exact as the full one."""
+    draft vocabulary keeps the quantized head's stream logits there and -inf elsewhere."""
     import mlx.nn as nn
 
     model = tiny_ss_model("llama", adapter_rank=4, seed=8, hidden_size=128, intermediate_size=256,
                           draft_vocab_size=draft_vocab)  # fmt: skip
-    _, full_before = model.full_forward(mx.array([[4, 8, 15, 16]]))
     nn.quantize(model.base, group_size=64, bits=bits)
     if draft_vocab:
-        # The sliced head follows the quantization: its logits are the quantized head's, on the
-        # draft vocabulary, and -inf elsewhere.
         ids = np.array(model.streams.draft.ids)
         h = mx.random.normal((2, 128))
-        sub = np.array(model.stream_head(h))
-        ref = np.array(model.head(h))
+        sub, ref = np.array(model.stream_head(h)), np.array(model.head(h))
         assert np.isneginf(np.delete(sub, ids, axis=-1)).all()
-        np.testing.assert_allclose(sub[:, ids], ref[:, ids], rtol=1e-5, atol=1e-5)
-        _, full_after = model.full_forward(mx.array([[4, 8, 15, 16]]))
-        assert not np.allclose(np.array(full_after)[..., ids], np.array(full_before)[..., ids])
+        np.testing.assert_array_equal(sub[:, ids], ref[:, ids])
     assert hasattr(model.base.model.layers[0].self_attn.q_proj, "bits")
     assert model.streams.stream_embeddings.dtype == mx.float32
     prompt = [4, 8, 15, 16, 23, 42]

@@ -8,12 +8,7 @@ import mlx.nn as nn
 from ..config import SSConfig
 from . import arch
 from .attention import with_context
-from .streams import DraftVocab, StreamParams, insert_streams
-
-
-def _head_module(base: nn.Module) -> nn.Module:
-    """The module holding the LM head's weight: lm_head, or the tied input embedding."""
-    return base.lm_head if hasattr(base, "lm_head") else base.model.embed_tokens
+from .streams import StreamParams, insert_streams
 
 
 def _head(base: nn.Module, h: mx.array) -> mx.array:
@@ -22,38 +17,6 @@ def _head(base: nn.Module, h: mx.array) -> mx.array:
     if hasattr(base, "lm_head"):
         return base.lm_head(h)
     return base.model.embed_tokens.as_linear(h)
-
-
-class DraftHead:
-    """The LM head restricted to a draft vocabulary (for stream rows).
-
-    Its rows of the vocabulary are sliced once per head weight (quantized or not) and kept: a
-    per-step gather would copy them every pass. A cast or update of the weights makes new arrays,
-    hence a new slice. A plain object, not a Module: the slice is no parameter of the model.
-    """
-
-    def __init__(self, vocab: DraftVocab):
-        self.ids = vocab.ids  # (V_d,)
-        self._weight: mx.array | None = None  # the head weight the slice was taken from
-        self._rows: dict[str, mx.array] = {}
-
-    def __call__(self, base: nn.Module, h: mx.array) -> mx.array:
-        """Normed hidden states h (..., D) -> logits over the draft vocabulary (..., V_d)."""
-        head = _head_module(base)
-        if self._weight is not head["weight"]:
-            names = [n for n in ("weight", "scales", "biases", "bias") if n in head]
-            self._rows = {n: head[n][self.ids] for n in names}
-            mx.eval(self._rows)
-            self._weight = head["weight"]
-        r = self._rows
-        if hasattr(head, "bits"):
-            out = mx.quantized_matmul(
-                h, r["weight"], scales=r["scales"], biases=r.get("biases"), transpose=True,
-                group_size=head.group_size, bits=head.bits, mode=getattr(head, "mode", "affine"),
-            )  # fmt: skip
-        else:
-            out = h @ r["weight"].T
-        return out + r["bias"] if "bias" in r else out
 
 
 def plain_tree_forward(
@@ -110,7 +73,6 @@ class SSModel(nn.Module):
         # A plain list, not an mx.array attribute: arrays on a Module are parameters, and a
         # dtype cast of the parameters would turn these integer positions into floats.
         self._offsets = cfg.stream_position_offsets()
-        self._draft_head = DraftHead(streams.draft) if streams.draft is not None else None
 
     @property
     def inner(self) -> nn.Module:
@@ -125,15 +87,15 @@ class SSModel(nn.Module):
         return _head(self.base, h)
 
     def stream_head(self, h: mx.array) -> mx.array:
-        """Final norm + the streams' LM head. h: (..., D) -> (..., V): the main head, or with a
-        draft vocabulary its rows of that vocabulary and -inf for every other token."""
-        if self._draft_head is None:
-            return self.head(h)
-        sub = self._draft_head(self.base, self.inner.norm(h))  # (..., V_d)
-        V = int(_head_module(self.base)["weight"].shape[0])
-        full = mx.full((*sub.shape[:-1], V), -mx.inf, dtype=sub.dtype)  # (..., V)
-        ids = mx.broadcast_to(self._draft_head.ids, sub.shape)
-        return mx.put_along_axis(full, ids, sub, axis=-1)
+        """Final norm + the streams' LM head. h: (..., D) -> (..., V)."""
+        return self._draft_only(self.head(h))
+
+    def _draft_only(self, logits: mx.array) -> mx.array:
+        """Stream logits (..., V) with -inf outside the streams' draft vocabulary, if they have
+        one. The full head computes them (one weight read, fused with the main rows'): a copy
+        of its draft-vocabulary rows would cost more memory than the small matmul saves."""
+        draft = self.streams.draft
+        return logits if draft is None else logits + draft.mask(logits.shape[-1], logits.dtype)
 
     def _forward(
         self,
@@ -187,18 +149,16 @@ class SSModel(nn.Module):
 
         The tree's main K/V are appended to `cache` tentatively (see `cache.commit_path`). Only
         the first `depth` streams are computed (a tree `depth` deep drafts from no others), and
-        for small trees their LM head is fused with the main rows' (one read of the head; not
-        with a draft vocabulary, whose head is another, smaller matrix).
+        for small trees their LM head is fused with the main rows' (one read of the head).
         tokens, positions: (T,); ancestor_mask: (T, T) bool.
         """
         main, streams = self._forward(tokens, positions, ancestor_mask, cache, depth)
         T = tokens.shape[0]
         streams = streams[0].reshape(T, depth, main.shape[-1])  # (T, depth, D)
-        fuse = self._draft_head is None and T * (1 + depth) <= FUSED_HEAD_MAX_ROWS
-        if depth > 0 and fuse:
+        if depth > 0 and T * (1 + depth) <= FUSED_HEAD_MAX_ROWS:
             rows = mx.concatenate([main[0], streams.reshape(T * depth, -1)], axis=0)
             logits = self.head(rows)
-            return TreeOutput(logits[:T], logits[T:].reshape(T, depth, -1), True)
+            return TreeOutput(logits[:T], self._draft_only(logits[T:]).reshape(T, depth, -1), True)
         return TreeOutput(self.head(main[0]), streams, False)
 
     def stream_logits_at(self, out: TreeOutput, node: mx.array) -> mx.array:

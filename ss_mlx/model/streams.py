@@ -150,10 +150,22 @@ class StreamParams(nn.Module):
 
 
 class DraftVocab:
-    """The token ids (V_d,) the streams' head covers."""
+    """The token ids (V_d,) the streams may draft; `mask` turns logits over the whole
+    vocabulary into the draft vocabulary's."""
 
     def __init__(self, ids: mx.array):
         self.ids = ids.astype(mx.int32)
+        self._masks: dict[tuple[int, mx.Dtype], mx.array] = {}
+
+    def mask(self, vocab_size: int, dtype: mx.Dtype) -> mx.array:
+        """(V,) additive mask: 0 on the draft vocabulary, -inf elsewhere (kept per dtype)."""
+        key = (vocab_size, dtype)
+        if key not in self._masks:
+            m = mx.full((vocab_size,), -mx.inf, dtype=dtype)
+            m[self.ids] = 0
+            mx.eval(m)
+            self._masks[key] = m
+        return self._masks[key]
 
 
 def random_stream_tensors(

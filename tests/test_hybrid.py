@@ -14,7 +14,7 @@ from ss_mlx.decode.sampling import SamplerConfig
 from ss_mlx.decode.verify import AcceptRule
 from ss_mlx.drafters.hybrid import HybridConfig, HybridDrafter, HybridStats, match_bucket
 from ss_mlx.generation import ss_generate_step
-from ss_mlx.tuned import DEFAULT_ROW_COST
+from ss_mlx.tuned import DEFAULT_ROW_COST, cost_at
 
 GREEDY = AcceptRule("greedy", SamplerConfig())
 
@@ -74,8 +74,11 @@ def test_hopeless_drafts_give_root_only_passes():
     model = tiny_ss_model("llama", seed=1)
     prompt = [5, 6, 7, 8]
     truth = ar_tokens(model, prompt, 130)
+    # No clock: on a tiny model every pass costs about the same, which would make wide hopeless
+    # trees pay (the measured-cost test below covers timing).
     drafter = OracleDrafter(model, truth, len(prompt), "wrong",
-                            config=HybridConfig(explore_every=0), cost_curve=DEFAULT_ROW_COST)
+                            config=HybridConfig(explore_every=0), cost_curve=DEFAULT_ROW_COST,
+                            clock=None)  # fmt: skip
     steps = list(decode(mx.array(prompt), drafter, GREEDY, max_tokens=120))
     assert [s.token for s in steps] == truth[:120]
     late = [s for s in steps if s.step >= 20]
@@ -137,8 +140,9 @@ def test_lookup_confidence_rises_with_the_match_length_and_learns_per_length():
     stats = HybridStats(model.num_streams, lookup_depth=8)
     priors = [r.value for r in stats.lookup_first]
     assert priors == sorted(priors) and priors[0] < priors[-1] < 1.0
+    # No clock: priced by the curve alone, as measured pass times would make it machine-dependent.
     drafter = FixedMatch(model, config=HybridConfig(explore_every=0), stats=stats,
-                         cost_curve=DEFAULT_ROW_COST)
+                         cost_curve=DEFAULT_ROW_COST, clock=None)
     drafter.length = 16  # a copied span: worth a deep chain
     assert drafter.first_draft([0, 1, 2]).tree.num_nodes >= 4
     # Chance 1-gram matches that keep failing lose confidence: a root-only pass, while the
@@ -157,7 +161,8 @@ def test_lookup_only_passes_are_priced_by_the_plain_curve():
     dear = ((1, 1.0), (2, 3.0), (4, 6.0), (8, 12.0), (64, 96.0))
     config = HybridConfig(explore_every=0)
     for plain, deep in ((cheap, True), (dear, False)):
-        drafter = FixedMatch(model, config=config, cost_curve=DEFAULT_ROW_COST, plain_curve=plain)
+        drafter = FixedMatch(model, config=config, cost_curve=DEFAULT_ROW_COST, plain_curve=plain,
+                             clock=None)
         drafter.length = 3
         draft = drafter.first_draft([0, 1, 2])
         assert (draft.tree.num_nodes >= 4) == deep, plain
@@ -181,3 +186,50 @@ def test_measured_priors_replace_the_defaults_entry_by_entry():
     )
     default = HybridStats(4, 5)
     assert [r.value for r in default.lookup_first] == pytest.approx(list(LOOKUP_FIRST_PRIOR))
+
+
+class PricedOracle(OracleDrafter):
+    """The true continuation as the context source, on a fake clock: a pass over T nodes takes
+    price(T, streams) seconds."""
+
+    def __init__(self, *a, price, **kw):
+        self.now, self.price = 0.0, price
+        super().__init__(*a, clock=lambda: self.now, **kw)
+
+    def forward(self, tokens, positions, ancestor_mask, cache):
+        out = super().forward(tokens, positions, ancestor_mask, cache)
+        self.now += self.price(tokens.shape[0], self.stream_depth)
+        return out
+
+
+@pytest.mark.parametrize("dear", [False, True])
+def test_measured_pass_times_correct_the_cost_curve(dear):
+    """Right drafts, priced by a curve like this CPU's: drafted while passes cost what the
+    curve says, dropped for root-only passes once timing shows each row costing two whole
+    passes (a root-only pass at least every `probe_every` is the reference)."""
+    model = tiny_ss_model("llama", seed=5)
+    prompt = [7, 3, 7, 3]
+    truth = ar_tokens(model, prompt, 130)
+    curve = ((1, 1.0), (2, 1.3), (8, 1.9), (64, 6.0))  # like this 2-core CPU's
+
+    def price(T, streams):  # seconds; dear: a pass of k rows takes 2k root passes' time
+        return 2.0 * T * (1 + streams) - 1.0 if dear else cost_at(curve, T * (1 + streams))
+
+    drafter = PricedOracle(model, truth, len(prompt), "right", price=price, cost_curve=curve,
+                           config=HybridConfig(explore_every=0, probe_every=8))  # fmt: skip
+    steps = list(decode(mx.array(prompt), drafter, GREEDY, max_tokens=120))
+    assert [s.token for s in steps] == truth[:120]
+    first_root = min(s.step for s in steps if s.tree_size == 1)
+    assert first_root <= 8  # the timing reference: a root-only pass at least every 8
+    late = [s for s in steps if s.step >= 12]
+    if dear:
+        # Priced out after a pass, then tried again only as the root-only passes relax the
+        # correction toward the curve (and priced out again).
+        drafted = {s.step for s in late if s.tree_size > 1}
+        assert len(drafted) <= 3 and len(late) > 40, sorted(drafted)
+        assert drafter.stats.cost_excess.value > 3.0  # 12 extra root passes for a predicted 0.8
+    else:
+        assert len(steps) / (steps[-1].step + 1) > 3.0
+        assert drafter.stats.cost_excess.value == pytest.approx(1.0, abs=0.05)
+        roots = [s.step for s in late if s.tree_size == 1]
+        assert roots and all(b - a >= 8 for a, b in zip(roots, roots[1:], strict=False))

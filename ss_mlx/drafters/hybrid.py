@@ -17,15 +17,19 @@ sources) and every node gets an estimated probability of being accepted:
 Then the nodes of the next pass and the number of streams it computes are chosen to maximise
 expected tokens per unit of cost, ``(1 + sum of the chosen nodes' probabilities + expected stream
 gain) / (cost(rows) + cost of verifying that gain next pass)``, with the pass cost by row count from
-``ss-mlx tune``'s measurement of this machine (or a default curve). A node is kept only when it pays
+``ss-mlx tune``'s measurement of this machine (or a default curve), corrected as the generation
+runs by the passes' own wall time: what a pass costs beyond a root-only pass, measured against
+what the curve predicted (a busy machine, a long context or a curve measured elsewhere move it).
+A node is kept only when it pays
 for itself, down to a root-only pass without streams, which runs mlx-lm's own one-token forward (the
 cost of plain autoregressive decoding). Verification is the loop's, so output is exactly as lossless
 as the rule; the drafts carry no distribution, so at temperature > 0 the exact "simple" rule is
 used.
 """
 
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +58,16 @@ LOOKUP_FIRST_PRIOR = (0.17, 0.48, 0.56, 0.71, 0.86, 0.98)
 LOOKUP_CONTINUE_PRIOR = (0.72, 0.8, 0.85, 0.88, 0.9, 0.91, 0.92)  # the last for any deeper
 STREAM_TOP1_PRIOR = (0.41, 0.2, 0.13)  # stream 1, 2, then every later one
 MAX_PRIOR = 0.98  # no measured rate is taken as certainty
+# Online cost correction: a root-only pass's seconds are a running mean with this weight on the
+# newest; the ratio measured / predicted extra cost forgets old passes at EXCESS_DECAY per pass
+# (a machine gets busy or idle), and one pass counts at most EXCESS_CLIP times its prediction,
+# so a single stall (a page fault, another process) weighs little.
+ROOT_EWMA = 0.2
+EXCESS_DECAY = 0.05
+EXCESS_CLIP = (0.05, 50.0)
+# Each root-only pass moves the ratio this share back to 1 (the curve): drafting that was priced
+# out is tried again now and then, and measured again, so a machine that got idle is noticed.
+EXCESS_RELAX = 0.02
 
 
 def match_bucket(length: int) -> int:
@@ -73,6 +87,9 @@ class HybridConfig:
         min_ngram, max_ngram: n-gram sizes matched, longest first.
         explore_every: compute one stream every this many passes even when the streams look
             hopeless, so their calibration can recover (0: never).
+        probe_every: run a root-only pass when none ran for this many passes: the reference
+            the other passes' measured cost is taken against (0: never). A drafter without a
+            clock uses the cost curves as they are.
     """
 
     max_nodes: int = 16
@@ -83,6 +100,7 @@ class HybridConfig:
     min_ngram: int = 1
     max_ngram: int = 4
     explore_every: int = 32
+    probe_every: int = 64
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_nodes <= MAX_NODES:
@@ -94,14 +112,19 @@ class HybridConfig:
 
 
 class Rate:
-    """A running ratio hits / trials with a prior worth `weight` trials."""
+    """A running ratio hits / trials with a prior worth `weight` trials; with `decay`, each new
+    observation first scales the old ones (and the prior) by 1 - decay."""
 
-    def __init__(self, prior: float, weight: float = 4.0):
-        self.hits, self.trials = prior * weight, weight
+    def __init__(self, prior: float, weight: float = 4.0, decay: float = 0.0):
+        self.hits, self.trials, self.keep = prior * weight, weight, 1.0 - decay
 
     def add(self, hit: float, trial: float = 1.0) -> None:
-        self.hits += hit
-        self.trials += trial
+        self.hits = self.hits * self.keep + hit
+        self.trials = self.trials * self.keep + trial
+
+    def toward(self, value: float, share: float) -> None:
+        """Move the ratio a share of the way to `value`, its weight unchanged."""
+        self.hits += share * (value * self.trials - self.hits)
 
     @property
     def value(self) -> float:
@@ -136,6 +159,10 @@ class HybridStats:
         self.stream_top1 = [Rate(p) for p in top1]
         self.lookup_first = [Rate(p) for p in first]
         self.lookup_rate = [Rate(first[0])] + [Rate(p) for p in cont]
+        # A drafting pass's measured extra cost / the cost curve's prediction of it (1: the
+        # curve is right), averaged over the recent passes; the prior is worth two passes.
+        self.cost_excess = Rate(1.0, weight=2.0, decay=EXCESS_DECAY)
+        self.root_seconds: float | None = None  # running mean of a root-only pass's seconds
 
 
 def _priors(
@@ -177,6 +204,7 @@ class HybridDrafter:
         cost_curve: CostCurve = DEFAULT_ROW_COST,
         stats: "HybridStats | None" = None,
         plain_curve: CostCurve | None = None,
+        clock: Callable[[], float] | None = time.perf_counter,
     ):
         self.model, self.base = model, model.base
         self.config = config or HybridConfig()
@@ -187,6 +215,9 @@ class HybridDrafter:
         G = model.num_streams
         self.max_depth = min(G, self.config.max_stream_depth or G)
         stats = stats or HybridStats(G, self.config.lookup_depth)
+        self.stats, self.clock = stats, clock
+        self._pass: tuple[int, int, float] | None = None  # (T, streams, start) of the last pass
+        self._since_root = 0  # passes since the last timed root-only pass
         # The rates are the stats' own lists: what this generation learns, later ones start from.
         self.stream_cal, self.stream_top1 = stats.stream_cal, stats.stream_top1
         self.lookup_first, self.lookup_rate = stats.lookup_first, stats.lookup_rate
@@ -205,6 +236,10 @@ class HybridDrafter:
     def forward(
         self, tokens: mx.array, positions: mx.array, ancestor_mask: mx.array, cache: list[Any]
     ) -> tuple[mx.array, TreeOutput | None]:
+        # Timed from here to `draft`, which runs right after the step's host sync: graph,
+        # compute, verification and cache commit; not the caller's work between steps.
+        if self.clock is not None:
+            self._pass = (tokens.shape[0], self.stream_depth, self.clock())
         if tokens.shape[0] == 1 and self.stream_depth == 0:
             # Nothing to verify or draft: mlx-lm's own forward, the cost of an AR step.
             return self.base(tokens[None], cache=cache)[0], None
@@ -224,6 +259,7 @@ class HybridDrafter:
     def draft(
         self, history: list[int], out: TreeOutput | None, best: mx.array, rule: AcceptRule
     ) -> Draft:
+        self._time_pass()
         self._learn(history, int(best.item()))
         self._score_guesses(history)
         streams = None
@@ -249,6 +285,28 @@ class HybridDrafter:
                 if not hit:
                     break
         self._guesses = keep
+
+    def _time_pass(self) -> None:
+        """Measure the pass that just ran: a root-only pass updates the reference time; any
+        other, the ratio of its measured extra cost to the curve's prediction."""
+        if self._pass is None or self.clock is None:
+            return
+        T, depth, start = self._pass
+        self._pass = None
+        seconds = self.clock() - start
+        st = self.stats
+        if T == 1 and depth == 0:
+            st.root_seconds = seconds if st.root_seconds is None else (
+                (1 - ROOT_EWMA) * st.root_seconds + ROOT_EWMA * seconds)  # fmt: skip
+            st.cost_excess.toward(1.0, EXCESS_RELAX)
+            self._since_root = 0
+            return
+        self._since_root += 1
+        predicted = self._predicted(T, depth) - 1.0
+        if st.root_seconds is None or predicted <= 0:
+            return
+        lo, hi = EXCESS_CLIP
+        st.cost_excess.add(min(max((seconds / st.root_seconds - 1.0) / predicted, lo), hi))
 
     # -- learning from the last verification
 
@@ -341,6 +399,9 @@ class HybridDrafter:
 
     def _size(self, nodes: list[_Node]) -> tuple[int, int]:
         """(tree nodes T, streams to compute) maximising expected tokens per cost."""
+        probe = self.config.probe_every if self.clock is not None else 0
+        if probe and self._since_root >= probe:
+            return (1, 0)  # the timing reference (see HybridConfig.probe_every)
         limit = min(self.config.max_nodes, len(nodes) + 1)
         explore = bool(self.config.explore_every) and self.steps % self.config.explore_every == 0
         best, choice, gained = -1.0, (1, 0), [0.0]
@@ -354,13 +415,9 @@ class HybridDrafter:
             # it: charge those nodes here. Counting only the gain would count a steady run of
             # stream drafts twice (as this pass's gain and as the next pass's accepted nodes)
             # and keep streams on where they lose (measured: Vicuna 0.93x with Ns-8 streams).
-            later = cost_at(self.plain_curve, 1 + depth) - 1.0
+            later = self._cost(1 + depth, 0) - 1.0
             for T in range(1, limit + 1):
-                # With streams a pass costs at least the same nodes' plain pass.
-                cost = cost_at(self.plain_curve, T)
-                if depth:
-                    cost = max(cost, cost_at(self.curve, T * (1 + depth)))
-                value = (1.0 + gained[T - 1] + extra) / (cost + later)
+                value = (1.0 + gained[T - 1] + extra) / (self._cost(T, depth) + later)
                 if value > best + 1e-9:
                     best, choice = value, (T, depth)
         # The estimates are noisy and the cost curve approximate: a draft must promise a clear
@@ -368,6 +425,16 @@ class HybridDrafter:
         if best < MIN_GAIN and not explore:
             return (1, 0)
         return choice
+
+    def _predicted(self, T: int, depth: int) -> float:
+        """The cost curves' price of a pass over T nodes computing `depth` streams, in root-only
+        passes: the plain pass, or with streams at least that and the rows' price."""
+        cost = cost_at(self.plain_curve, T)
+        return max(cost, cost_at(self.curve, T * (1 + depth))) if depth else cost
+
+    def _cost(self, T: int, depth: int) -> float:
+        """The price `_size` uses: the prediction's extra cost scaled by what was measured."""
+        return 1.0 + self.stats.cost_excess.value * (self._predicted(T, depth) - 1.0)
 
     def _as_draft(self, chosen: list[_Node]) -> Draft:
         """The chosen nodes (prefix-closed, most probable first) as a Draft: siblings ranked by

@@ -233,3 +233,40 @@ def test_measured_pass_times_correct_the_cost_curve(dear):
         assert drafter.stats.cost_excess.value == pytest.approx(1.0, abs=0.05)
         roots = [s.step for s in late if s.tree_size == 1]
         assert roots and all(b - a >= 8 for a, b in zip(roots, roots[1:], strict=False))
+
+
+def test_output_memory_matches_within_outputs_and_stays_bounded():
+    from ss_mlx.drafters.lookup import OutputMemory
+
+    mem = OutputMemory(min_n=2, max_n=3, max_tokens=40)
+    mem.add([1, 2, 3, 4, 5])
+    mem.add([9, 2, 3, 7, 8])
+    # Newest first; the continuation stops at its output's end; the match length counts the
+    # agreeing tokens before the n-gram.
+    assert mem.matches([2, 3], depth=4, limit=5) == [(2, [7, 8]), (2, [4, 5])]
+    assert mem.matches([0, 1, 2, 3], depth=2, limit=5) == [(3, [4, 5]), (2, [7, 8])]
+    assert mem.matches([5, 9], depth=3, limit=5) == []  # never across two outputs
+    assert mem.matches([2, 3], depth=4, limit=1) == [(2, [7, 8])]
+    for k in range(20):  # far past the budget: the oldest outputs go
+        mem.add([100 + k, 101 + k, 102 + k])
+    assert len(mem.tokens) <= 40
+    assert mem.matches([2, 3], depth=4, limit=5) == []
+    assert mem.matches([119, 120], depth=2, limit=5) == [(2, [121])]
+    assert all(mem.tokens[e - 1] != OutputMemory.SEP for ends in mem._ends.values() for e in ends)
+
+
+def test_earlier_outputs_draft_later_generations_losslessly():
+    """The same formulaic request again: its second answer is drafted from the first (source
+    "memory"), and every generation is still exactly the base's."""
+    model = tiny_ss_model("llama", seed=6)
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(0, 128, size=6).tolist() for _ in range(3)]
+    runs = []
+    for prompt in [*prompts, prompts[0], prompts[1]]:
+        steps = list(ss_generate_step(mx.array(prompt), model, max_tokens=40))
+        assert [s.token for s in steps] == ar_tokens(model, prompt, 40)
+        runs.append(steps)
+    first, again = runs[0], runs[3]
+    assert any("memory" in s.source for s in again if s.from_draft)
+    assert len(again) / (again[-1].step + 1) > 2 * len(first) / (first[-1].step + 1)
+    assert model._hybrid_stats.memory.tokens  # kept on the model, across generations

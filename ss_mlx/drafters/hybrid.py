@@ -1,9 +1,11 @@
 """One draft tree from every source, sized every step by confidence and the measured cost.
 
 Each step the candidates are: the streams' top-k continuations from the accepted node (when the
-pass computed streams) and n-gram continuations of the context (prompt + generated text, via
-prompt lookup). They are merged into one trie (shared prefixes once, each node remembering its
-sources) and every node gets an estimated probability of being accepted:
+pass computed streams), n-gram continuations of the context (prompt + generated text, via
+prompt lookup) and of the model's earlier outputs in this process (a bounded `OutputMemory`:
+formulaic tasks repeat across prompts what no one context holds). They are merged into one trie
+(shared prefixes once, each node remembering its sources) and every node gets an estimated
+probability of being accepted:
 
 * a stream node at depth d with stream probability q: ``q * cal_d`` per level along its path,
   where ``cal_d`` is stream d's calibration (hits / predicted probability mass of the stream
@@ -12,7 +14,7 @@ sources) and every node gets an estimated probability of being accepted:
   accepted after a context match of that length (1, 2, 3, 4-7, 8-15, 16+ tokens agreeing: a
   long match means a span is being copied), at depth d > 1 the rate at which lookup drafts at
   depth d were accepted given their parent was (both counted as the model generates, from a
-  prior).
+  prior); a memory node likewise, with rates of its own.
 
 Then the nodes of the next pass and the number of streams it computes are chosen to maximise
 expected tokens per unit of cost, ``(1 + sum of the chosen nodes' probabilities + expected stream
@@ -39,9 +41,9 @@ from ..decode.tree import MAX_NODES, TreeSpec
 from ..decode.verify import AcceptRule, Draft
 from ..model.ss_model import SSModel, TreeOutput
 from ..tuned import DEFAULT_ROW_COST, CostCurve, cost_at
-from .lookup import NgramIndex
+from .lookup import MATCH_CAP, NgramIndex, OutputMemory
 
-STREAMS, LOOKUP = "streams", "lookup"
+STREAMS, LOOKUP, MEMORY = "streams", "lookup", "memory"
 MIN_GAIN = 1.05  # expected tokens per unit cost a tree must reach to beat a root-only pass
 # Lookup match lengths are pooled into buckets 1, 2, 3, 4-7, 8-15, 16+ (each its own rate).
 MATCH_BUCKETS = (1, 2, 3, 4, 8, 16)
@@ -58,6 +60,7 @@ LOOKUP_FIRST_PRIOR = (0.17, 0.48, 0.56, 0.71, 0.86, 0.98)
 LOOKUP_CONTINUE_PRIOR = (0.72, 0.8, 0.85, 0.88, 0.9, 0.91, 0.92)  # the last for any deeper
 STREAM_TOP1_PRIOR = (0.41, 0.2, 0.13)  # stream 1, 2, then every later one
 MAX_PRIOR = 0.98  # no measured rate is taken as certainty
+MEMORY_LEAD = 4  # prompt tokens remembered before each output (OutputMemory)
 # Online cost correction: a root-only pass's seconds are a running mean with this weight on the
 # newest; the ratio measured / predicted extra cost forgets old passes at EXCESS_DECAY per pass
 # (a machine gets busy or idle), and one pass counts at most EXCESS_CLIP times its prediction,
@@ -87,6 +90,8 @@ class HybridConfig:
         min_ngram, max_ngram: n-gram sizes matched, longest first.
         explore_every: compute one stream every this many passes even when the streams look
             hopeless, so their calibration can recover (0: never).
+        memory_tokens: earlier outputs kept for matching (`OutputMemory`; 0: none);
+            memory_candidates: distinct continuations taken from them per step.
         probe_every: run a root-only pass when none ran for this many passes: the reference
             the other passes' measured cost is taken against (0: never). A drafter without a
             clock uses the cost curves as they are.
@@ -101,12 +106,16 @@ class HybridConfig:
     max_ngram: int = 4
     explore_every: int = 32
     probe_every: int = 64
+    memory_tokens: int = 16384
+    memory_candidates: int = 2
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_nodes <= MAX_NODES:
             raise ValueError(f"max_nodes must be in [1, {MAX_NODES}], got {self.max_nodes!r}")
         if self.stream_width < 1 or self.lookup_depth < 1 or self.lookup_candidates < 0:
             raise ValueError("stream_width and lookup_depth must be >= 1, lookup_candidates >= 0")
+        if self.memory_tokens < 0 or self.memory_candidates < 0:
+            raise ValueError("memory_tokens and memory_candidates must be >= 0")
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError("n-gram sizes need 1 <= min_ngram <= max_ngram")
 
@@ -140,7 +149,9 @@ class HybridStats:
     computing d streams adds to the next tree); lookup_first[k]: P(a lookup draft's first token
     is right) after a match of length bucket k (`match_bucket`); lookup_rate[d]: P(depth d + 1
     right | depth d right). The priors are `ss-mlx tune`'s measurements where given (a None or
-    out-of-range entry keeps the default prior), else the module's defaults.
+    out-of-range entry keeps the default prior), else the module's defaults. memory_first /
+    memory_rate: the same for matches in earlier outputs; memory: those outputs' index;
+    cost_excess / root_seconds: the online correction of the cost curve (`_time_pass`).
     """
 
     def __init__(
@@ -159,6 +170,13 @@ class HybridStats:
         self.stream_top1 = [Rate(p) for p in top1]
         self.lookup_first = [Rate(p) for p in first]
         self.lookup_rate = [Rate(first[0])] + [Rate(p) for p in cont]
+        # The same for matches in earlier outputs (started from the lookup priors), the index of
+        # those outputs, and the generation in progress: (its history list, prompt length),
+        # remembered when the next generation starts.
+        self.memory_first = [Rate(p) for p in first]
+        self.memory_rate = [Rate(first[0])] + [Rate(p) for p in cont]
+        self.memory: OutputMemory | None = None
+        self.last_output: tuple[list[int], int] | None = None
         # A drafting pass's measured extra cost / the cost curve's prediction of it (1: the
         # curve is right), averaged over the recent passes; the prior is worth two passes.
         self.cost_excess = Rate(1.0, weight=2.0, decay=EXCESS_DECAY)
@@ -180,7 +198,7 @@ def _priors(
 
 class _Node:
     __slots__ = ("token", "depth", "parent", "prob", "sources", "stream_q", "stream_rank",
-                 "ngram", "children")
+                 "ngram", "memory_ngram", "children")
 
     def __init__(self, token: int, depth: int, parent: "_Node | None"):
         self.token, self.depth, self.parent = token, depth, parent
@@ -189,6 +207,7 @@ class _Node:
         self.stream_q = 0.0  # the stream's own probability of this token (stream nodes)
         self.stream_rank = -1  # its rank in that stream (0 = the stream's top token)
         self.ngram = 0  # the longest context match that proposed it (lookup nodes)
+        self.memory_ngram = 0  # the same in earlier outputs (memory nodes)
         self.children: dict[int, _Node] = {}
 
 
@@ -221,6 +240,9 @@ class HybridDrafter:
         # The rates are the stats' own lists: what this generation learns, later ones start from.
         self.stream_cal, self.stream_top1 = stats.stream_cal, stats.stream_top1
         self.lookup_first, self.lookup_rate = stats.lookup_first, stats.lookup_rate
+        if self.config.memory_tokens and stats.memory is None:
+            stats.memory = OutputMemory(max_tokens=self.config.memory_tokens)
+        self._prompt_len = 0
         self.index = NgramIndex(self.config.min_ngram, self.config.max_ngram)
         self.trees: OrderedDict[tuple, TreeSpec] = OrderedDict()
         self.stream_depth = 0  # streams the coming pass computes
@@ -231,6 +253,13 @@ class HybridDrafter:
     # -- the loop's protocol
 
     def first_draft(self, history: list[int]) -> Draft:
+        st = self.stats
+        if st.last_output is not None and st.memory is not None:
+            previous, start = st.last_output
+            # With the prompt's last tokens (a chat template's assistant header): an output's
+            # first tokens are matchable too.
+            st.memory.add(previous[max(start - MEMORY_LEAD, 0) :])
+        st.last_output, self._prompt_len = None, len(history)
         return self._choose(history, None)
 
     def forward(
@@ -260,6 +289,7 @@ class HybridDrafter:
         self, history: list[int], out: TreeOutput | None, best: mx.array, rule: AcceptRule
     ) -> Draft:
         self._time_pass()
+        self.stats.last_output = (history, self._prompt_len)  # the loop's list: no copy
         self._learn(history, int(best.item()))
         self._score_guesses(history)
         streams = None
@@ -330,6 +360,10 @@ class HybridDrafter:
             if LOOKUP in node.sources:
                 rate = self.lookup_rate[d] if d else self.lookup_first[match_bucket(node.ngram)]
                 rate.add(float(hit))
+            if MEMORY in node.sources:
+                st = self.stats
+                first = st.memory_first[match_bucket(node.memory_ngram)]
+                (st.memory_rate[d] if d else first).add(float(hit))
 
     # -- choosing the next tree
 
@@ -341,6 +375,8 @@ class HybridDrafter:
             self._add_streams(root, streams)
         for n, cand in self.context_matches(history):
             self._add_chain(root, cand[: self.config.lookup_depth], n)
+        for n, cand in self.memory_matches(history):
+            self._add_chain(root, cand[: self.config.lookup_depth], n, MEMORY)
         nodes = _by_probability(root)
         T, depth = self._size(nodes)
         chosen = nodes[: T - 1]
@@ -355,6 +391,14 @@ class HybridDrafter:
         if not self.config.lookup_candidates:
             return []
         return self.index.matches(self.config.lookup_depth, self.config.lookup_candidates)
+
+    def memory_matches(self, history: list[int]) -> list[tuple[int, list[int]]]:
+        """Continuations of the context's suffix in earlier outputs, with match lengths."""
+        memory = self.stats.memory
+        if memory is None or not self.config.memory_candidates:
+            return []
+        suffix = history[-MATCH_CAP:]
+        return memory.matches(suffix, self.config.lookup_depth, self.config.memory_candidates)
 
     def _add_streams(self, root: _Node, streams: list[list[tuple[float, int]]]) -> None:
         """Best-first expansion of the streams' rank combinations (like a static tree's
@@ -377,16 +421,23 @@ class HybridDrafter:
                     grown.append(node)
             frontier = sorted(grown, key=lambda n: -n.prob)[:limit]
 
-    def _add_chain(self, root: _Node, tokens: list[int], ngram: int) -> None:
+    def _add_chain(self, root: _Node, tokens: list[int], ngram: int, source: str = LOOKUP) -> None:
+        """A lookup (or memory) continuation after a match of `ngram` tokens."""
+        st = self.stats
+        first, rates = ((st.memory_first, st.memory_rate) if source == MEMORY
+                        else (self.lookup_first, self.lookup_rate))  # fmt: skip
         node, p = root, 1.0
         for d, tok in enumerate(tokens):
-            p *= self.lookup_rate[d].value if d else self.lookup_first[match_bucket(ngram)].value
+            p *= rates[d].value if d else first[match_bucket(ngram)].value
             child = node.children.get(tok)
             if child is None:
                 child = node.children[tok] = _Node(tok, d + 1, node)
             child.prob = max(child.prob, p)
-            child.sources.add(LOOKUP)
-            child.ngram = max(child.ngram, ngram)
+            child.sources.add(source)
+            if source == MEMORY:
+                child.memory_ngram = max(child.memory_ngram, ngram)
+            else:
+                child.ngram = max(child.ngram, ngram)
             node = child
 
     def _stream_gain(self, depth: int) -> float:

@@ -132,6 +132,84 @@ class NgramIndex:
         return k
 
 
+class OutputMemory:
+    """A bounded n-gram index over earlier outputs (REST's datastore, SAMD's suffix structure,
+    here the process's own finished generations): where the current suffix occurred in them and
+    what followed. Formulaic tasks (data-to-text, SQL, templated answers) repeat across prompts
+    what no single context holds.
+
+    Outputs are stored back to back with a separator, so no match or continuation crosses two of
+    them; past `max_tokens` the oldest are dropped (the index is rebuilt from the newest half),
+    which bounds its memory (~200 B per token and n-gram size in Python's dicts).
+    """
+
+    SEP = -1
+
+    def __init__(self, min_n: int = 2, max_n: int = 4, max_tokens: int = 16384) -> None:
+        if not 1 <= min_n <= max_n or max_tokens < 1:
+            raise ValueError("OutputMemory needs 1 <= min_n <= max_n and max_tokens >= 1")
+        self.min_n, self.max_n, self.max_tokens = min_n, max_n, max_tokens
+        self.tokens: list[int] = []
+        self._ends: dict[tuple[int, ...], list[int]] = {}
+
+    def add(self, output: Sequence[int]) -> None:
+        """Remember one finished output (the newest `max_tokens` - 1 tokens of a longer one)."""
+        output = list(output)[-(self.max_tokens - 1) :]
+        if not output:
+            return
+        if len(self.tokens) + len(output) + 1 > self.max_tokens:
+            self._drop_oldest(len(output) + 1)
+        start = len(self.tokens)
+        self.tokens.extend(output)
+        self.tokens.append(self.SEP)
+        for end in range(start + 1, start + len(output) + 1):
+            for n in range(self.min_n, min(self.max_n, end - start) + 1):
+                self._ends.setdefault(tuple(self.tokens[end - n : end]), []).append(end)
+
+    def _drop_oldest(self, room: int) -> None:
+        """Keep the newest whole outputs that fit in half the budget less `room` tokens."""
+        keep_from, budget = len(self.tokens), max(self.max_tokens // 2 - room, 0)
+        seps = [i for i, t in enumerate(self.tokens) if t == self.SEP]
+        for sep in reversed(seps[:-1]):  # output boundaries, newest first
+            if len(self.tokens) - (sep + 1) > budget:
+                break
+            keep_from = sep + 1
+        kept = self.tokens[keep_from:]
+        self.tokens, self._ends = [], {}
+        out: list[int] = []
+        for t in kept:
+            if t == self.SEP:
+                self.add(out)
+                out = []
+            else:
+                out.append(t)
+
+    def matches(self, suffix: Sequence[int], depth: int, limit: int) -> list[tuple[int, list[int]]]:
+        """Up to `limit` distinct continuations of `suffix` (the context's last tokens), each
+        with its match length (as `NgramIndex.matches`); longest n first, newest first."""
+        found: list[tuple[int, list[int]]] = []
+        seen: set[tuple[int, ...]] = set()
+        t = self.tokens
+        for n in range(min(self.max_n, len(suffix)), self.min_n - 1, -1):
+            for end in reversed(self._ends.get(tuple(suffix[len(suffix) - n :]), ())):
+                cont: list[int] = []
+                for tok in t[end : end + depth]:
+                    if tok == self.SEP:
+                        break
+                    cont.append(tok)
+                if not cont or tuple(cont) in seen:
+                    continue
+                seen.add(tuple(cont))
+                k = n
+                while (k < min(MATCH_CAP, len(suffix)) and end - 1 - k >= 0
+                       and t[end - 1 - k] == suffix[len(suffix) - 1 - k]):  # fmt: skip
+                    k += 1
+                found.append((k, cont))
+                if len(found) == limit:
+                    return found
+        return found
+
+
 class LookupDrafter:
     """Drafts continuations of the current suffix found earlier in the context (one generation:
     it keeps that generation's n-gram index)."""

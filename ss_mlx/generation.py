@@ -93,8 +93,20 @@ def dynamic_drafter(model: SSModel, config: HybridConfig | None = None) -> Hybri
     lookup's acceptance that tune measured for this model as the priors."""
     record = tuned_record(model)
     config = config or HybridConfig()
+    stats = dynamic_stats(model, config, record)
+    curve = row_cost_curve(record, model.num_streams)
+    return HybridDrafter(model, config, curve, stats, plain_cost_curve(record))
+
+
+def dynamic_stats(
+    model: SSModel, config: HybridConfig | None = None, record: dict[str, Any] | None = None
+) -> HybridStats:
+    """What the dynamic tree has learned of this model in this process (rates, cost correction,
+    earlier outputs), kept on the model; made from the tune record's priors the first time."""
+    config = config or HybridConfig()
     stats = model.__dict__.get("_hybrid_stats")
     if stats is None or len(stats.lookup_rate) != config.lookup_depth:
+        record = tuned_record(model) if record is None else record
         acc = (record or {}).get("acceptance")
         acc = acc if isinstance(acc, dict) else {}
         lookup = acc.get("lookup") if isinstance(acc.get("lookup"), dict) else {}
@@ -104,8 +116,7 @@ def dynamic_drafter(model: SSModel, config: HybridConfig | None = None) -> Hybri
                             _seq(lookup.get("first_by_match")),
                             _seq(lookup.get("continue_by_depth")))  # fmt: skip
         object.__setattr__(model, "_hybrid_stats", stats)  # plain attribute: not a module child
-    curve = row_cost_curve(record, model.num_streams)
-    return HybridDrafter(model, config, curve, stats, plain_cost_curve(record))
+    return stats
 
 
 def _seq(value: Any) -> list[Any] | None:

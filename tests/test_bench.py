@@ -310,3 +310,23 @@ def test_machine_description():
     assert d["backend"]["device"]
     assert machine_key(d) == machine_key(dict(d, ss_mlx_commit="other"))
     assert machine_key(d) != machine_key(dict(d, cpu="Apple M4 Max"))
+
+
+def test_dynamic_runs_never_draft_their_own_earlier_answer():
+    """The output memory in a benchmark: a prompt's warm-up and repeats (here the same prompt
+    twice) start from the memory of the prompts before it, so none drafts its own answer."""
+    from conftest import tiny_ss_model
+
+    from ss_mlx.generation import ss_generate_step
+
+    model = tiny_ss_model("llama", seed=6)
+    m = bench.ss_method(model, "dynamic")
+    p = [3, 9, 27, 81, 50, 7]
+    runs = bench.run_benchmark([bench.ar_method(model.base), m], [p, p], max_tokens=40,
+                               eos=set(), warmup=1, repeats=2, progress=False)  # fmt: skip
+    assert all(v["ok"] for v in bench.check_parity(runs).values())
+    mine = [r for r in runs if r.method == m.name]
+    assert len(mine) == 5 and not any("memory" in k for r in mine for k in r.by_source)
+    # Outside the benchmark the same prompt again does draft its answer from memory.
+    steps = list(ss_generate_step(mx.array(p), model, max_tokens=40))
+    assert any("memory" in s.source for s in steps if s.from_draft)

@@ -27,6 +27,7 @@ Definitions (per method, over all prompts):
 """
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -136,11 +137,23 @@ def tree_label(tree: Any) -> str:
 def ss_method(model: Any, tree: Any = None, name: str | None = None) -> Method:
     """Speculative Streaming with one static draft tree (default: the model's), or with
     ``tree="dynamic"`` the default hybrid tree chosen every step."""
-    from ..generation import DYNAMIC, resolve_tree, ss_generate_step
+    from ..generation import DYNAMIC, dynamic_stats, resolve_tree, ss_generate_step
 
     extra = sum(v.nbytes for v in model.streams.tensors().values())
     if tree == DYNAMIC:
+        # The model's earlier outputs are a draft source (OutputMemory): every run of a prompt
+        # starts from the memory of the prompts before it, never from an earlier run of the
+        # same prompt (a warm-up or repeat would draft its own answer from memory).
+        before: dict[tuple[int, ...], Any] = {}
+
         def gen_dynamic(prompt: mx.array, max_tokens: int) -> Iterator[StepToken]:
+            stats = dynamic_stats(model)
+            stats.remember_last_output()
+            key = tuple(prompt.tolist())
+            if key not in before:
+                before[key] = copy.deepcopy(stats.memory)
+            else:
+                stats.memory = copy.deepcopy(before[key])
             yield from ss_generate_step(prompt, model, tree=DYNAMIC, max_tokens=max_tokens)
 
         return Method(name or "ss[dynamic]", "ss", gen_dynamic, depth=model.num_streams,

@@ -183,6 +183,16 @@ class HybridStats:
         self.root_seconds: float | None = None  # running mean of a root-only pass's seconds
 
 
+    def remember_last_output(self) -> None:
+        """Put the finished generation's output into the memory (a new one is starting)."""
+        if self.last_output is not None and self.memory is not None:
+            previous, start = self.last_output
+            # With the prompt's last tokens (a chat template's assistant header): an output's
+            # first tokens are matchable too.
+            self.memory.add(previous[max(start - MEMORY_LEAD, 0) :])
+        self.last_output = None
+
+
 def _priors(
     measured: Sequence[float | None] | None, default: Sequence[float], n: int
 ) -> list[float]:
@@ -253,13 +263,8 @@ class HybridDrafter:
     # -- the loop's protocol
 
     def first_draft(self, history: list[int]) -> Draft:
-        st = self.stats
-        if st.last_output is not None and st.memory is not None:
-            previous, start = st.last_output
-            # With the prompt's last tokens (a chat template's assistant header): an output's
-            # first tokens are matchable too.
-            st.memory.add(previous[max(start - MEMORY_LEAD, 0) :])
-        st.last_output, self._prompt_len = None, len(history)
+        self.stats.remember_last_output()
+        self._prompt_len = len(history)
         return self._choose(history, None)
 
     def forward(

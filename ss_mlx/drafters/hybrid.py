@@ -182,7 +182,6 @@ class HybridStats:
         self.cost_excess = Rate(1.0, weight=2.0, decay=EXCESS_DECAY)
         self.root_seconds: float | None = None  # running mean of a root-only pass's seconds
 
-
     def remember_last_output(self) -> None:
         """Put the finished generation's output into the memory (a new one is starting)."""
         if self.last_output is not None and self.memory is not None:

@@ -1,5 +1,6 @@
 """The mlx-lm-style API: `stream_generate`, `generate`, `GenerationResponse`, `ss_generate_step`."""
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Generator, Sequence
@@ -87,15 +88,25 @@ def tuned_record(model: SSModel) -> dict[str, Any] | None:
     return model.__dict__["_tuned"]
 
 
-def dynamic_drafter(model: SSModel, config: HybridConfig | None = None) -> HybridDrafter:
+def dynamic_drafter(
+    model: SSModel, config: HybridConfig | None = None, greedy: bool = True
+) -> HybridDrafter:
     """The default draft source: streams + prompt lookup in one tree chosen every step, costed
     with this machine's curve from `ss-mlx tune` (or the default), with the streams' and prompt
-    lookup's acceptance that tune measured for this model as the priors."""
+    lookup's acceptance that tune measured for this model as the priors.
+
+    When sampling (`greedy` False) the tree must not depend on the clock or on earlier outputs:
+    which drafts are verified decides which random draws a seed's sample uses, and a seeded
+    request must give the same text again. So no timing correction and no output memory then.
+    """
     record = tuned_record(model)
     config = config or HybridConfig()
     stats = dynamic_stats(model, config, record)
     curve = row_cost_curve(record, model.num_streams)
-    return HybridDrafter(model, config, curve, stats, plain_cost_curve(record))
+    if greedy:
+        return HybridDrafter(model, config, curve, stats, plain_cost_curve(record))
+    config = dataclasses.replace(config, memory_candidates=0)
+    return HybridDrafter(model, config, curve, stats, plain_cost_curve(record), clock=None)
 
 
 def dynamic_stats(
@@ -203,12 +214,12 @@ def ss_generate_step(
     model = _check_model(model)
     _check_cache_limits(model, prompt, max_tokens, prompt_cache, max_kv_size, kv_bits,
                         quantized_kv_start)
+    settings = sampler_settings(sampler) if sampler is not None else SamplerConfig()
     if tree in (None, DYNAMIC) and drafter is None:
-        source: Any = dynamic_drafter(model)
+        source: Any = dynamic_drafter(model, greedy=settings.greedy)
     else:
         source = StreamDrafter(model, resolve_tree(model, None if tree == DYNAMIC else tree),
                                drafter)
-    settings = sampler_settings(sampler) if sampler is not None else SamplerConfig()
     name = resolve_rule(accept_rule, settings, has_distribution=source.has_distribution)
     groups = None
     if name == "coarse":

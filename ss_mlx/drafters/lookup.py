@@ -21,6 +21,7 @@ from ..model.ss_model import plain_tree_forward
 
 DEFAULT_MAX_TOKENS = 256
 MATCH_CAP = 32  # match lengths are counted up to this many tokens
+SEP = -1  # never a token: ends one output in an OutputMemory
 
 
 class TreeCache:
@@ -108,28 +109,34 @@ class NgramIndex:
         the current suffix (at least the n-gram's n, counted up to MATCH_CAP). A long match is
         the sign of a span being copied (a quoted passage, a repeated list, code), where the
         continuation is far more often right than after a chance 1-gram."""
-        L = len(self.tokens)
+        return self.matches_of(self.tokens, depth, limit, before=len(self.tokens))
+
+    def matches_of(
+        self, suffix: Sequence[int], depth: int, limit: int, before: int | None = None
+    ) -> list[tuple[int, list[int]]]:
+        """`matches` of another sequence's suffix in these tokens (only matches ending before
+        `before`); a continuation stops at a SEP token."""
+        t, S = self.tokens, len(suffix)
         found: list[tuple[int, list[int]]] = []
         seen: set[tuple[int, ...]] = set()
-        for n in range(min(self.max_n, L), self.min_n - 1, -1):
-            for end in reversed(self._ends.get(tuple(self.tokens[L - n :]), ())):
-                if end >= L:  # the suffix itself
+        for n in range(min(self.max_n, S), self.min_n - 1, -1):
+            for end in reversed(self._ends.get(tuple(suffix[S - n :]), ())):
+                if before is not None and end >= before:  # the suffix itself
                     continue
-                cont = tuple(self.tokens[end : end + depth])
-                if cont and cont not in seen:
-                    seen.add(cont)
-                    found.append((self._match_length(end, n), list(cont)))
+                cont: list[int] = []
+                for tok in t[end : end + depth]:
+                    if tok == SEP:
+                        break
+                    cont.append(tok)
+                if cont and tuple(cont) not in seen:
+                    seen.add(tuple(cont))
+                    k = n  # the match length: a SEP never agrees with a token
+                    while k < min(MATCH_CAP, end, S) and t[end - 1 - k] == suffix[S - 1 - k]:
+                        k += 1
+                    found.append((k, cont))
                     if len(found) == limit:
                         return found
         return found
-
-    def _match_length(self, end: int, n: int) -> int:
-        """Length of the common suffix of tokens[:end] and tokens (>= n, which is known)."""
-        t, L = self.tokens, len(self.tokens)
-        k = n
-        while k < min(MATCH_CAP, end) and t[end - 1 - k] == t[L - 1 - k]:
-            k += 1
-        return k
 
 
 class OutputMemory:
@@ -138,19 +145,20 @@ class OutputMemory:
     what followed. Formulaic tasks (data-to-text, SQL, templated answers) repeat across prompts
     what no single context holds.
 
-    Outputs are stored back to back with a separator, so no match or continuation crosses two of
-    them; past `max_tokens` the oldest are dropped (the index is rebuilt from the newest half),
-    which bounds its memory (~200 B per token and n-gram size in Python's dicts).
+    Outputs are stored back to back in one `NgramIndex`, each followed by SEP, so no match or
+    continuation crosses two of them; past `max_tokens` the oldest are dropped (the index is
+    rebuilt from the newest half), which bounds its memory (~200 B per token and n-gram size).
     """
-
-    SEP = -1
 
     def __init__(self, min_n: int = 2, max_n: int = 4, max_tokens: int = 16384) -> None:
         if not 1 <= min_n <= max_n or max_tokens < 1:
             raise ValueError("OutputMemory needs 1 <= min_n <= max_n and max_tokens >= 1")
-        self.min_n, self.max_n, self.max_tokens = min_n, max_n, max_tokens
-        self.tokens: list[int] = []
-        self._ends: dict[tuple[int, ...], list[int]] = {}
+        self.max_tokens = max_tokens
+        self.index = NgramIndex(min_n, max_n)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.index.tokens
 
     def add(self, output: Sequence[int]) -> None:
         """Remember one finished output (the newest `max_tokens` - 1 tokens of a longer one)."""
@@ -159,55 +167,25 @@ class OutputMemory:
             return
         if len(self.tokens) + len(output) + 1 > self.max_tokens:
             self._drop_oldest(len(output) + 1)
-        start = len(self.tokens)
-        self.tokens.extend(output)
-        self.tokens.append(self.SEP)
-        for end in range(start + 1, start + len(output) + 1):
-            for n in range(self.min_n, min(self.max_n, end - start) + 1):
-                self._ends.setdefault(tuple(self.tokens[end - n : end]), []).append(end)
+        self.index.extend([*output, SEP])
 
     def _drop_oldest(self, room: int) -> None:
         """Keep the newest whole outputs that fit in half the budget less `room` tokens."""
-        keep_from, budget = len(self.tokens), max(self.max_tokens // 2 - room, 0)
-        seps = [i for i, t in enumerate(self.tokens) if t == self.SEP]
+        tokens, budget = self.tokens, max(self.max_tokens // 2 - room, 0)
+        keep_from = len(tokens)
+        seps = [i for i, t in enumerate(tokens) if t == SEP]
         for sep in reversed(seps[:-1]):  # output boundaries, newest first
-            if len(self.tokens) - (sep + 1) > budget:
+            if len(tokens) - (sep + 1) > budget:
                 break
             keep_from = sep + 1
-        kept = self.tokens[keep_from:]
-        self.tokens, self._ends = [], {}
-        out: list[int] = []
-        for t in kept:
-            if t == self.SEP:
-                self.add(out)
-                out = []
-            else:
-                out.append(t)
+        kept = tokens[keep_from:]
+        self.index = NgramIndex(self.index.min_n, self.index.max_n)
+        self.index.extend(kept)
 
     def matches(self, suffix: Sequence[int], depth: int, limit: int) -> list[tuple[int, list[int]]]:
         """Up to `limit` distinct continuations of `suffix` (the context's last tokens), each
         with its match length (as `NgramIndex.matches`); longest n first, newest first."""
-        found: list[tuple[int, list[int]]] = []
-        seen: set[tuple[int, ...]] = set()
-        t = self.tokens
-        for n in range(min(self.max_n, len(suffix)), self.min_n - 1, -1):
-            for end in reversed(self._ends.get(tuple(suffix[len(suffix) - n :]), ())):
-                cont: list[int] = []
-                for tok in t[end : end + depth]:
-                    if tok == self.SEP:
-                        break
-                    cont.append(tok)
-                if not cont or tuple(cont) in seen:
-                    continue
-                seen.add(tuple(cont))
-                k = n
-                while (k < min(MATCH_CAP, len(suffix)) and end - 1 - k >= 0
-                       and t[end - 1 - k] == suffix[len(suffix) - 1 - k]):  # fmt: skip
-                    k += 1
-                found.append((k, cont))
-                if len(found) == limit:
-                    return found
-        return found
+        return self.index.matches_of(suffix, depth, limit)
 
 
 class LookupDrafter:

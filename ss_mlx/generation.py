@@ -95,16 +95,18 @@ def dynamic_drafter(
     with this machine's curve from `ss-mlx tune` (or the default), with the streams' and prompt
     lookup's acceptance that tune measured for this model as the priors.
 
-    When sampling (`greedy` False) the tree must not depend on the clock or on earlier outputs:
+    When sampling (`greedy` False) the tree must not depend on the clock or on earlier requests:
     which drafts are verified decides which random draws a seed's sample uses, and a seeded
-    request must give the same text again. So no timing correction and no output memory then.
+    request must give the same text again. So then no timing correction, no output memory, and
+    acceptance rates of this request's own, starting from the priors.
     """
     record = tuned_record(model)
     config = config or HybridConfig()
-    stats = dynamic_stats(model, config, record)
     curve = row_cost_curve(record, model.num_streams)
     if greedy:
+        stats = dynamic_stats(model, config, record)
         return HybridDrafter(model, config, curve, stats, plain_cost_curve(record))
+    stats = _prior_stats(model, config, record)
     config = dataclasses.replace(config, memory_candidates=0)
     return HybridDrafter(model, config, curve, stats, plain_cost_curve(record), clock=None)
 
@@ -117,17 +119,24 @@ def dynamic_stats(
     config = config or HybridConfig()
     stats = model.__dict__.get("_hybrid_stats")
     if stats is None or len(stats.lookup_rate) != config.lookup_depth:
-        record = tuned_record(model) if record is None else record
-        acc = (record or {}).get("acceptance")
-        acc = acc if isinstance(acc, dict) else {}
-        lookup = acc.get("lookup") if isinstance(acc.get("lookup"), dict) else {}
-        # Measured by `ss-mlx tune` (records before it measured them: the defaults); anything
-        # unusable in them falls back to the default prior (HybridStats checks each value).
-        stats = HybridStats(model.num_streams, config.lookup_depth, _seq(acc.get("top1_chain")),
-                            _seq(lookup.get("first_by_match")),
-                            _seq(lookup.get("continue_by_depth")))  # fmt: skip
+        stats = _prior_stats(model, config, tuned_record(model) if record is None else record)
         object.__setattr__(model, "_hybrid_stats", stats)  # plain attribute: not a module child
     return stats
+
+
+def _prior_stats(
+    model: SSModel, config: HybridConfig, record: dict[str, Any] | None
+) -> HybridStats:
+    """Fresh statistics holding only the priors: the acceptance `ss-mlx tune` measured for this
+    model (records before it measured them: the defaults)."""
+    acc = (record or {}).get("acceptance")
+    acc = acc if isinstance(acc, dict) else {}
+    lookup = acc.get("lookup") if isinstance(acc.get("lookup"), dict) else {}
+    # Anything unusable in the record falls back to the default prior (HybridStats checks each
+    # value).
+    return HybridStats(model.num_streams, config.lookup_depth, _seq(acc.get("top1_chain")),
+                       _seq(lookup.get("first_by_match")),
+                       _seq(lookup.get("continue_by_depth")))  # fmt: skip
 
 
 def _seq(value: Any) -> list[Any] | None:

@@ -271,3 +271,24 @@ def test_earlier_outputs_draft_later_generations_losslessly():
     assert any("memory" in s.source for s in again if s.from_draft)
     assert len(again) / (again[-1].step + 1) > 2 * len(first) / (first[-1].step + 1)
     assert model._hybrid_stats.memory.tokens  # kept on the model, across generations
+
+
+def test_seeded_sampling_ignores_what_earlier_requests_taught():
+    """A seed gives the same sample again even after greedy requests moved the model's shared
+    acceptance rates (which drafts get verified decides which random draws are used)."""
+    model = tiny_ss_model("llama", seed=7)
+    sampler = SamplerConfig(temp=0.9)
+    prompt = [5, 6, 7, 5, 6, 7, 5, 6]
+
+    def sample():
+        mx.random.seed(7)
+        return [s.token for s in ss_generate_step(mx.array(prompt), model, sampler=sampler,
+                                                  max_tokens=40)]  # fmt: skip
+
+    first = sample()
+    for p in ([1, 2, 3, 1, 2, 3, 1, 2], [9, 8, 7, 6, 9, 8, 7, 6]):
+        list(ss_generate_step(mx.array(p), model, max_tokens=60))
+    priors = HybridStats(model.num_streams, HybridConfig().lookup_depth)
+    learned = model._hybrid_stats
+    assert [r.value for r in learned.stream_top1] != [r.value for r in priors.stream_top1]
+    assert sample() == first

@@ -21,11 +21,15 @@ def test_commit_path_compacts_accepted_rows():
     tokens = mx.array([5, 6, 7, 8])
     m.tree_step(tokens, 4 + spec.depths, spec.ancestor_mask, cache, m.num_streams)
     before = np.array(cache[0].keys[..., :8, :])
-    commit_path(cache, 4, spec.path_table[3], keep=3)  # accept root -> (1,) -> (1,0)
+    commit_path(cache, 4, spec.path_table[3].tolist(), keep=3)  # root -> (1,) -> (1,0)
     after = np.array(cache[0].keys)
     assert cache[0].offset == 7
     np.testing.assert_array_equal(after[..., :4, :], before[..., :4, :])
     np.testing.assert_array_equal(after[..., 4:7, :], before[..., [4, 6, 7], :])
+    # A chain accepted in node order is already in place; the padding past `keep` is ignored.
+    commit_path(cache, 4, [0, 1, 1], keep=2)
+    assert cache[0].offset == 6
+    np.testing.assert_array_equal(np.array(cache[0].keys), after)
 
 
 def test_rewind_only_moves_offsets_back():

@@ -147,7 +147,7 @@ def decode(
             host = drafter.to_sync(out, verdict.best)
             mx.eval(verdict.best, verdict.path, path_tokens, verdict.next_token, host)  # one sync
             n = verdict.accepted.item()
-            commit_path(cache, start, verdict.path, n + 1)
+            commit_path(cache, start, verdict.path.tolist(), n + 1)
             valid = start + n + 1
             new = path_tokens[1 : n + 1].tolist() + [verdict.next_token.item()]
             history.extend(new)

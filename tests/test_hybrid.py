@@ -292,3 +292,22 @@ def test_seeded_sampling_ignores_what_earlier_requests_taught():
     learned = model._hybrid_stats
     assert [r.value for r in learned.stream_top1] != [r.value for r in priors.stream_top1]
     assert sample() == first
+
+
+def test_no_streams_when_capped_at_zero():
+    model = tiny_ss_model("llama", seed=8)
+    prompt = [2, 3, 4, 2, 3, 4, 2, 3]
+    drafter = HybridDrafter(model, HybridConfig(max_stream_depth=0, explore_every=2))
+    depths = []
+    forward = drafter.forward
+
+    def spy(tokens, positions, mask, cache):
+        depths.append(drafter.stream_depth)
+        return forward(tokens, positions, mask, cache)
+
+    drafter.forward = spy
+    got = [s.token for s in decode(mx.array(prompt), drafter, GREEDY, max_tokens=30)]
+    assert got == ar_tokens(model, prompt, 30)
+    assert depths and set(depths) == {0}
+    with pytest.raises(ValueError, match="max_stream_depth"):
+        HybridConfig(max_stream_depth=-1)

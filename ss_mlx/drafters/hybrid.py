@@ -85,7 +85,7 @@ class HybridConfig:
     Args:
         max_nodes: most tree nodes per pass, the root included.
         stream_width: top-k tokens per stream considered.
-        max_stream_depth: most streams computed per pass (default: all).
+        max_stream_depth: most streams computed per pass (default: all; 0: none).
         lookup_depth: tokens proposed per n-gram match; lookup_candidates: distinct matches.
         min_ngram, max_ngram: n-gram sizes matched, longest first.
         explore_every: compute one stream every this many passes even when the streams look
@@ -114,6 +114,8 @@ class HybridConfig:
             raise ValueError(f"max_nodes must be in [1, {MAX_NODES}], got {self.max_nodes!r}")
         if self.stream_width < 1 or self.lookup_depth < 1 or self.lookup_candidates < 0:
             raise ValueError("stream_width and lookup_depth must be >= 1, lookup_candidates >= 0")
+        if self.max_stream_depth is not None and self.max_stream_depth < 0:
+            raise ValueError(f"max_stream_depth must be >= 0, got {self.max_stream_depth!r}")
         if self.memory_tokens < 0 or self.memory_candidates < 0:
             raise ValueError("memory_tokens and memory_candidates must be >= 0")
         if not 1 <= self.min_ngram <= self.max_ngram:
@@ -241,7 +243,8 @@ class HybridDrafter:
         # the stream layers costs less than a node that runs every layer.
         self.plain_curve = plain_curve or cost_curve
         G = model.num_streams
-        self.max_depth = min(G, self.config.max_stream_depth or G)
+        cap = self.config.max_stream_depth
+        self.max_depth = G if cap is None else min(G, cap)  # 0: lookup and memory only
         stats = stats or HybridStats(G, self.config.lookup_depth)
         self.stats, self.clock = stats, clock
         self._pass: tuple[int, int, float] | None = None  # (T, streams, start) of the last pass

@@ -268,7 +268,8 @@ def check_parity(
 
     refs = [t_main] + ([t_streams] if t_streams is not None else [])
     refs += [t_exit] if t_exit is not None else []
-    scale = max(float(t.abs().max()) for t in refs)
+    # Finite logits only: a draft vocabulary's -inf would make the bound infinite.
+    scale = max(_finite_abs_max(t) for t in refs)
     noise = _fp32_noise(torch_dir, ids, refs) if noise_factor > 0 else 0.0
 
     eos = set(tokenizer.eos_token_ids)
@@ -310,7 +311,12 @@ def _fp32_noise(torch_dir: Path, ids: torch.Tensor, refs: list[torch.Tensor]) ->
             exact += [exits] if exits is not None else []
         else:
             exact = [base64(input_ids=ids).logits]
-    return max(float((a.double() - b).abs().max()) for a, b in zip(refs, exact, strict=True))
+    return max(_max_abs(a.double().numpy(), b.numpy()) for a, b in zip(refs, exact, strict=True))
+
+
+def _finite_abs_max(t: torch.Tensor) -> float:
+    finite = t[torch.isfinite(t)]
+    return float(finite.abs().max()) if finite.numel() else 0.0
 
 
 __all__ = [

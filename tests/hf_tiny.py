@@ -109,8 +109,10 @@ def make_ss_checkpoint(
     adapter_modules: tuple = tuple(ADAPTERS),
     prune_rank: int = 0,
     lora: dict | None = None,
+    draft_vocab: int = 0,
 ) -> Path:
-    """What `ss-mlx train --out` writes: HF model + tokenizer + SS block + streams (+ peft LoRA)."""
+    """What `ss-mlx train --out` writes: HF model + tokenizer + SS block + streams (+ peft LoRA);
+    `draft_vocab` > 0: the streams draft from that many random token ids."""
     make_tiny_hf(model_type, d, seed)
     make_tiny_tokenizer(d)
     block = {
@@ -124,6 +126,8 @@ def make_ss_checkpoint(
         "prune_rank": prune_rank,
         "tree": {"widths": [2, 2, 1][:num_streams], "node_budget": None},
     }
+    if draft_vocab:
+        block["draft_vocab_size"] = draft_vocab
     config = json.loads((d / "config.json").read_text())
     config["speculative_streaming"] = block
     config["ss_training"] = {"mode": "shared" if lora else "lossless"}
@@ -143,7 +147,11 @@ def make_ss_checkpoint(
     if prune_rank:
         t["prune.a"] = rng.standard_normal((hidden, prune_rank)) * 0.1
         t["prune.b"] = rng.standard_normal((prune_rank, hidden)) * 0.1
-    save_file({k: v.astype(np.float32) for k, v in t.items()}, str(d / STREAMS))
+    t = {k: v.astype(np.float32) for k, v in t.items()}
+    if draft_vocab:
+        ids = rng.choice(config["vocab_size"], size=draft_vocab, replace=False)
+        t["draft_vocab"] = np.sort(ids).astype(np.int32)
+    save_file(t, str(d / STREAMS))
 
     if lora is not None:
         add_peft_lora(d, seed, **lora)

@@ -53,3 +53,30 @@ def test_every_example_is_run_by_a_test():
     tests = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
     for script in sorted(EXAMPLES.glob("*.py")):
         assert f'"{script.name}"' in tests, f"examples/{script.name} is not run by any test"
+
+
+def test_export_assets_keeps_the_draft_vocabulary_ids(tmp_path):
+    """export_assets.py casts the stream weights to fp16 but leaves integer tensors (the draft
+    vocabulary's token ids, which fp16 cannot hold above 2048) as they are."""
+    import json
+
+    import mlx.core as mx
+
+    from ss_mlx.config import CONFIG_KEY, STREAMS_FILE
+
+    src = make_ss_dir(tmp_path / "src")
+    ids = mx.array([0, 3, 7, 50, 98], dtype=mx.int32)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg[CONFIG_KEY]["draft_vocab_size"] = int(ids.size)
+    (src / "config.json").write_text(json.dumps(cfg))
+    tensors = mx.load(str(src / STREAMS_FILE))
+    mx.save_safetensors(str(src / STREAMS_FILE), {**tensors, "draft_vocab": ids})
+    out = tmp_path / "assets"
+    run_example("default_model/export_assets.py", "--model", str(src), "--out", str(out))
+    (asset,) = out.glob("*.safetensors")
+    got = mx.load(str(asset))
+    assert got["draft_vocab"].dtype == mx.int32 and got["draft_vocab"].tolist() == ids.tolist()
+    weights = {k: v for k, v in got.items() if k != "draft_vocab"}
+    assert weights and all(v.dtype == mx.float16 for v in weights.values())
+    (block,) = out.glob("*.json")
+    assert json.loads(block.read_text())["draft_vocab_size"] == 5

@@ -25,14 +25,16 @@ def main() -> None:
     block = json.loads((src / "config.json").read_text())[CONFIG_KEY]
     if args.tree:
         block["tree"] = TreeSpec.parse(args.tree).to_dict()
-    tensors = {k: v.astype(mx.float16) for k, v in mx.load(str(src / STREAMS_FILE)).items()}
+    # Weights in fp16; integer tensors (the draft vocabulary's ids) stay as they are.
+    tensors = {k: v.astype(mx.float16) if mx.issubdtype(v.dtype, mx.floating) else v
+               for k, v in mx.load(str(src / STREAMS_FILE)).items()}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (STREAMS_ASSET + ".tmp.safetensors")
     mx.save_safetensors(str(tmp), tensors, metadata={"format": "mlx"})
     tmp.replace(out / STREAMS_ASSET)
     (out / (STREAMS_CONFIG_ASSET + ".tmp")).write_text(json.dumps(block, indent=2) + "\n")
     (out / (STREAMS_CONFIG_ASSET + ".tmp")).replace(out / STREAMS_CONFIG_ASSET)
-    n = sum(v.size for v in tensors.values())
+    n = sum(v.size for v in tensors.values() if mx.issubdtype(v.dtype, mx.floating))
     print(f"wrote {out / STREAMS_ASSET} ({n:,} parameters, fp16) and {STREAMS_CONFIG_ASSET}")
 
 

@@ -46,9 +46,11 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, dict]:
                         *(x for t in TREES for x in ("--tree", t)),
                         "--warmup", "1", "--repeats", str(args.repeats), "--json", str(path)])
             report = json.loads(path.read_text())
-            for row in report.get("prompts", []):  # third-party text stays in ../shared/data
-                if isinstance(row, dict) and "text" in row:
-                    row["text"] = None
+            # Third-party text stays in ../shared/data: neither the prompts nor the outputs
+            # (a summary quotes its dialogue) are kept, only the measurements.
+            for row in report.get("prompts", []):
+                if isinstance(row, dict):
+                    row.update({k: None for k in ("text", "ar_tokens") if k in row})
             write_json(path, report)
         reports[name] = json.loads(path.read_text())
     return reports

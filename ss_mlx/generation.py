@@ -132,8 +132,7 @@ def _prior_stats(
     acc = (record or {}).get("acceptance")
     acc = acc if isinstance(acc, dict) else {}
     lookup = acc.get("lookup") if isinstance(acc.get("lookup"), dict) else {}
-    # Anything unusable in the record falls back to the default prior (HybridStats checks each
-    # value).
+    # HybridStats replaces anything unusable in the record with the default prior.
     return HybridStats(model.num_streams, config.lookup_depth, _seq(acc.get("top1_chain")),
                        _seq(lookup.get("first_by_match")),
                        _seq(lookup.get("continue_by_depth")))  # fmt: skip

@@ -44,7 +44,7 @@ def commit_path(cache: list[KVCache], start: int, path: Sequence[int], keep: int
     """
     # Rows already in place are not moved: a root-only pass, or a chain accepted along nodes
     # 1, 2, .., moves nothing. A slice update of a buffer that a pending gather still reads
-    # copies the whole buffer (every layer's K and V: ~4% of a step at 400 tokens on a CPU), so
+    # copies the whole buffer (every layer's K and V: 4-7% of a step on this project's CPU), so
     # the moved rows are gathered first; the updates then write into the buffers in place.
     lo = next((i for i in range(keep) if path[i] != i), keep)
     if lo < keep:

@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> None:
                for t in EVAL if (out / f"paper_{t}.json").is_file()]
     md = [f"Machine: {summary_line(reports[0]['machine'])}", "",
           f"Greedy decoding, SS and Medusa tree `{args.tree}`, draft chain of "
-          f"{len(args.tree.split(','))}; one process per task, methods interleaved per prompt "
+          f"{len(args.tree.split(','))}; `-dynamic` rows: the same SS model with the dynamic "
+          "hybrid tree (streams + prompt/output lookup, sized every step); one process per "
+          "task, methods interleaved per prompt "
           f"({args.repeats} measured run(s) each after a warm-up). Speedup and CR ratio are "
           "against the LoRA baseline's AR decoding; `ss:ar` is AR decoding of the SS model "
           "itself (its lossless reference; shared-mode training changes the model).", ""]

@@ -101,12 +101,17 @@ def test_compare_task_checks_each_method_against_its_own_reference(task_models, 
     rep = compare.compare_task("e2e", task_models, max_tokens=10, root=data_root, warmup=0,
                                progress=False)
     rows = {r["name"]: r for r in rep["methods"]}
-    assert list(rows) == ["ar", "ss:ar", "ss", "ss-lossless", "medusa", "draft"]
+    assert list(rows) == ["ar", "ss:ar", "ss", "ss-dynamic", "ss-lossless",
+                          "ss-lossless-dynamic", "medusa", "draft"]
     assert all(r["status"] == "ok" for r in rows.values()), {k: r["parity"] for k, r in
                                                              rows.items()}
     assert rows["ss"]["reference"] == "ss:ar" and rows["medusa"]["reference"] == "ar"
     # Different trunks: SS is lossless w.r.t. its own model, not the baseline's outputs.
-    assert rows["ss"]["outputs"] == rows["ss:ar"]["outputs"]
+    assert rows["ss"]["outputs"] == rows["ss-dynamic"]["outputs"] == rows["ss:ar"]["outputs"]
+    assert rows["ss-dynamic"]["reference"] == "ss:ar"
+    assert rows["ss-lossless-dynamic"]["reference"] == "ar"
+    assert rows["ss-lossless-dynamic"]["outputs"] == rows["ar"]["outputs"]
+    assert rows["ss-dynamic"]["config"] == {"tree": "dynamic"}
     assert rows["ss"]["outputs"] != rows["ar"]["outputs"]
     assert rows["medusa"]["outputs"] == rows["draft"]["outputs"] == rows["ar"]["outputs"]
     # Streams on the baseline's own trunk: checked against (and equal to) the baseline.
@@ -147,12 +152,13 @@ def test_cli_writes_reports(task_models, data_root, tmp_path, capsys):
     out = tmp_path / "r"
     compare.main(["--task", "wikisql", "--baseline", str(task_models.baseline),
                   "--ss", str(task_models.ss), "--data-root", str(data_root),
-                  "--max-tokens", "6", "--warmup", "0", "--no-progress",
+                  "--max-tokens", "6", "--warmup", "0", "--no-progress", "--no-dynamic",
                   "--json", str(out / "t.json"), "--markdown", str(out / "t.md"),
                   "--plot", str(out / "t.png")])
     rep = json.loads((out / "t.json").read_text())
     assert rep["task"]["name"] == "wikisql" and rep["task"]["n"] == 2
     assert [r["name"] for r in rep["methods"]] == ["ar", "ss:ar", "ss"]
+    assert rep["settings"]["dynamic"] is False
     assert set(rep["methods"][0]["quality"]) == {"exact_match"}
     assert (out / "t.png").read_bytes()[:4] == b"\x89PNG"
     assert "exact_match" in capsys.readouterr().out

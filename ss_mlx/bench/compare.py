@@ -2,10 +2,11 @@
 
 Given a task's fine-tuned models (a LoRA baseline, a Speculative Streaming model, and optionally
 Medusa heads on the baseline and a draft model for the baseline), decode the task's evaluation
-prompts with every method in one process, interleaved (``bench.run_benchmark``), then report per
-method: decode speed relative to the baseline's autoregressive decoding, tokens per target pass,
-the call-reduction ratio, the task metric of its outputs, its extra parameters, and per-sample
-latency with target and draft calls.
+prompts with every method in one process (each SS model twice: its static tree, and the dynamic
+hybrid tree of streams plus prompt/output lookup as ``<name>-dynamic``), interleaved
+(``bench.run_benchmark``), then report per method: decode speed relative to the baseline's
+autoregressive decoding, tokens per target pass, the call-reduction ratio, the task metric of its
+outputs, its extra parameters, and per-sample latency with target and draft calls.
 
 Two greedy references are checked token for token: Medusa and draft-model decoding must equal the
 baseline's AR output, and SS must equal the AR output of its own model (``ss:ar``; shared-mode
@@ -73,12 +74,21 @@ def _renamed(method: Method, name: str) -> Method:
 
 
 def build_methods(
-    models: TaskModels, *, tree: Any = None, medusa_tree: Any = None, num_draft: int = 3
+    models: TaskModels,
+    *,
+    tree: Any = None,
+    medusa_tree: Any = None,
+    num_draft: int = 3,
+    dynamic: bool = True,
 ) -> tuple[list[Method], dict[str, dict[str, Any]], Any]:
-    """The methods, per method its model and reference (``info``), and the baseline tokenizer."""
+    """The methods, per method its model and reference (``info``), and the baseline tokenizer.
+
+    dynamic: each SS model also decodes with the dynamic hybrid tree (streams + prompt and
+    output lookup, sized every step), as ``<name>-dynamic`` beside its static-tree row."""
     import mlx_lm
 
     from ..drafters.medusa import load_medusa
+    from ..generation import DYNAMIC
     from ..loader import load
 
     base, tokenizer = mlx_lm.load(str(models.baseline))
@@ -91,12 +101,18 @@ def build_methods(
         SS_REFERENCE: {"model": str(models.ss), "reference": SS_REFERENCE, "extra_params": 0},
         "ss": {"model": str(models.ss), "reference": SS_REFERENCE, "extra_params": n_streams},
     }
+    if dynamic:
+        methods.append(ss_method(ss_model, DYNAMIC, name="ss-dynamic"))
+        info["ss-dynamic"] = info["ss"]
     if models.ss_lossless is not None:
         lossless, _ = load(models.ss_lossless)
         methods.append(ss_method(lossless, tree, name="ss-lossless"))
         info["ss-lossless"] = {
             "model": str(models.ss_lossless), "reference": BASELINE,
             "extra_params": lossless.streams.num_parameters()}
+        if dynamic:
+            methods.append(ss_method(lossless, DYNAMIC, name="ss-lossless-dynamic"))
+            info["ss-lossless-dynamic"] = info["ss-lossless"]
     if models.medusa is not None:
         medusa_base, _ = mlx_lm.load(str(models.medusa))
         heads = load_medusa(models.medusa, medusa_base)
@@ -141,6 +157,7 @@ def compare_task(
     tree: Any = None,
     medusa_tree: Any = None,
     num_draft: int = 3,
+    dynamic: bool = True,
     warmup: int = 1,
     repeats: int = 1,
     root: str | Path | None = None,
@@ -153,7 +170,7 @@ def compare_task(
     task = get_task(task) if isinstance(task, str) else task
     items: list[EvalItem] = eval_items(task, root, n)
     methods, info, tokenizer = build_methods(
-        models, tree=tree, medusa_tree=medusa_tree, num_draft=num_draft)
+        models, tree=tree, medusa_tree=medusa_tree, num_draft=num_draft, dynamic=dynamic)
     prompts = [encode_prompt(tokenizer, it.prompt, task.chat) for it in items]
     eos = set(tokenizer.eos_token_ids)
     runs = run_benchmark(methods, prompts, max_tokens=max_tokens, eos=eos, warmup=warmup,
@@ -201,7 +218,8 @@ def compare_task(
                  "eval_file": task.eval_file, "chat_template": task.chat,
                  "n": len(items), "available": len(eval_items(task, root))},
         "settings": {"max_tokens": max_tokens, "warmup": warmup, "repeats": repeats,
-                     "num_draft_tokens": num_draft, "tree": tree, "medusa_tree": medusa_tree},
+                     "num_draft_tokens": num_draft, "tree": tree, "medusa_tree": medusa_tree,
+                     "dynamic": dynamic},
         "machine": describe_machine(str(mx.float32).removeprefix("mlx.core.")),
         "methods": rows,
     }
@@ -236,7 +254,8 @@ def format_task(report: dict[str, Any]) -> str:
             f"{_f(r, 'tokens_per_pass', '.2f')} | {_f(r, 'cr_ratio', '.2f')} | {_q(r)} | "
             f"{r['extra_params']:.3g} | {_f(r, 'decode_tps', '.2f')} |"
         )
-    pair = [r for r in report["methods"] if r["name"] in ("draft", "ss", "ss-lossless")]
+    pair = [r for r in report["methods"]
+            if r["name"] == "draft" or (r["name"].startswith("ss") and r["name"] != SS_REFERENCE)]
     if any(r["name"] == "draft" for r in pair) and len(pair) > 1:
         lines += ["", "| method | target calls / sample | draft calls / sample | "
                   "latency ms / sample | " + metric + " |", "|---|---:|---:|---:|---:|"]
@@ -308,6 +327,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree", default=None, help="SS draft tree (default: the model's)")
     p.add_argument("--medusa-tree", default=None, help="Medusa tree (default: 3,2,1,...)")
     p.add_argument("--num-draft", type=int, default=3, help="draft chain length (mlx-lm's)")
+    p.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=True,
+                   help="also decode each SS model with the dynamic hybrid tree")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--data-root", default=None)
@@ -335,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         report = compare_task(
             args.task, models, n=args.n, max_tokens=args.max_tokens, tree=args.tree,
-            medusa_tree=args.medusa_tree, num_draft=args.num_draft, warmup=args.warmup,
+            medusa_tree=args.medusa_tree, num_draft=args.num_draft, dynamic=args.dynamic,
+            warmup=args.warmup,
             repeats=args.repeats, root=args.data_root, progress=not args.no_progress)
     except (ValueError, DatasetError) as e:
         sys.exit(f"ss-mlx compare: error: {e}")

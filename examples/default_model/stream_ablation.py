@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -46,19 +47,22 @@ BASE_ARGS = {"streams": 4, "stream-layers": 4, "adapter-rank": 8}
 ABLATION_SIZE = 2100
 BF16 = {"autocast": "bfloat16"}
 EPOCHS = 2  # per point unless its overrides say "epochs"
-# name -> (conversations, overrides); the size points are the scaling curve, the others the
-# ablation. The ablation runs at 2,100 conversations (~600K tokens), not at the largest size:
-# there each run costs hours of this CPU, and the trunk cache it shares with size-2100
-# (~2 GB, git-ignored) makes a 2,100-conversation variant cost only its stream layers.
-# The points from 2,100 up train under bf16 autocast (~1.8x faster on a CPU with AMX; fp32
-# elsewhere is the same recipe, slower); bf16-200 repeats size-200 that way to show the
-# precision does not move the result.
+# The fixed-text size points (size-*) were the first scaling curve, at Ns 4; ns-8 repeats
+# size-2100 with 8 stream layers (11 points more stream-1 top-1, hence Ns 8 since). The points
+# from 2,100 up train under bf16 autocast (~1.8x faster on a CPU with AMX; fp32 elsewhere is the
+# same recipe, slower); bf16-200 repeats size-200 that way to show the precision does not move
+# the result.
 DISTILLED = ROOT / "data" / "distilled" / "smollm2_permissive_t128"
 DISTILLED_SHAREGPT = ROOT / "data" / "distilled" / "smollm2_sharegpt_t128"
 # The self-distilled points' streams draft from the 16,384 most frequent target tokens of their
 # data (EAGLE-3's draft vocabulary, `--draft-vocab`): the head is a third of its full cost and
 # covers 96.6% of the held-out targets (8,192: 93.9%). distilled-900-ns8-fullvocab measures it.
 DRAFT = {"draft-vocab": 16384}
+# The largest point: ~2M scored tokens, one epoch (~3.5 h here, carried across jobs by --stash);
+# a trunk cache saves nothing in one epoch (and would hold ~10 GB).
+LARGEST = 17900
+LARGEST_ARGS: dict[str, int | str] = {"data": "permissive", "stream-layers": 8, "epochs": 1,
+                                      **DRAFT, **BF16}  # fmt: skip
 # name -> (rows, overrides): "data" picks the source (default sharegpt), "epochs" the epochs;
 # a record's "conversations" is its rows of that source.
 POINTS: dict[str, tuple[int, dict[str, int | str]]] = {
@@ -66,30 +70,35 @@ POINTS: dict[str, tuple[int, dict[str, int | str]]] = {
     "size-400": (400, {}),
     "size-700": (700, {}),
     "size-2100": (ABLATION_SIZE, BF16),
-    "size-7000": (7000, BF16),
-    # Ns 8 beat Ns 4 by 11 points of stream-1 top-1 at 2,100 conversations (ns-8): the largest
-    # size at Ns 8, one epoch, which fits one three-hour job (~2.7 h here) without the trunk
-    # cache that a job's end takes with it; ns-12 asks whether more stream layers keep paying.
-    "size-7000-ns8": (7000, {"stream-layers": 8, "epochs": 1, **BF16}),
-    "ns-12": (ABLATION_SIZE, {"stream-layers": 12, **BF16}),
-    "gamma-3": (ABLATION_SIZE, {"streams": 3, **BF16}),
     "ns-8": (ABLATION_SIZE, {"stream-layers": 8, **BF16}),
-    # ns-8 with the base's top-8 distribution as the label (HASS's top-K distillation).
-    "soft-ns8": (ABLATION_SIZE, {"stream-layers": 8, "targets": "soft", **BF16}),
-    "rank-32": (ABLATION_SIZE, {"adapter-rank": 32, **BF16}),
     "bf16-200": (200, BF16),
     # Self-distilled answers at Ns 8 (the shipped setting): 100K / 200K / 590K / 2M scored
-    # tokens (distilled-5200 matches ns-8's 590K fixed-text tokens: the source ablation). The
-    # 2M point runs one epoch, where a trunk cache saves nothing (and would hold ~10 GB).
+    # tokens (distilled-5200 matches ns-8's 590K fixed-text tokens).
     "distilled-900-ns8": (900, {"data": "permissive", "stream-layers": 8, **DRAFT, **BF16}),
     "distilled-900-ns8-fullvocab": (900, {"data": "permissive", "stream-layers": 8, **BF16}),
     "distilled-1750-ns8": (1750, {"data": "permissive", "stream-layers": 8, **DRAFT, **BF16}),
+    # The base's top-8 distribution as the label (HASS's top-K distillation) instead of its
+    # argmax, at a size that costs under an hour.
+    "distilled-1750-ns8-soft": (1750, {"data": "permissive", "stream-layers": 8,
+                                       "targets": "soft", **DRAFT, **BF16}),  # fmt: skip
     "distilled-5200-ns8": (5200, {"data": "permissive", "stream-layers": 8, **DRAFT, **BF16}),
-    # The same size with ShareGPT first turns (the 2,560 distilled ones, then permissive rows).
-    "mixed-5200-ns8": (5200, {"data": "mixed", "stream-layers": 8, **DRAFT, **BF16}),
-    "distilled-17900-ns8": (17900, {"data": "permissive", "stream-layers": 8, "epochs": 1,
-                                    **DRAFT, **BF16}),  # fmt: skip
+    "distilled-17900-ns8": (LARGEST, LARGEST_ARGS),
+    # The ablation at the largest size: each variant changes one setting of distilled-17900-ns8.
+    "distilled-17900-ns8-g3": (LARGEST, {**LARGEST_ARGS, "streams": 3}),
+    "distilled-17900-ns8-r32": (LARGEST, {**LARGEST_ARGS, "adapter-rank": 32}),
+    "distilled-17900-ns4": (LARGEST, {**LARGEST_ARGS, "stream-layers": 4}),
+    # + ShareGPT: its 2,560 distilled first turns, then permissive rows, to the same row count.
+    "mixed-17900-ns8": (LARGEST, {**LARGEST_ARGS, "data": "mixed"}),
+    # Fixed text (EAGLE's recipe): 7,000 ShareGPT conversations, about the same scored tokens.
+    "fixed-7000-ns8": (7000, {**LARGEST_ARGS, "data": "sharegpt"}),
 }
+SOURCE_LABELS = {"sharegpt": "ShareGPT text", "permissive": "self-distilled",
+                 "mixed": "self-distilled + ShareGPT"}  # fmt: skip
+# The scaling curves: one recipe each, its points differing only in size.
+CURVES = {r"size-\d+": "fixed text, Ns 4", r"distilled-\d+-ns8": "self-distilled, Ns 8"}
+# The ablation at the largest size, against its reference point.
+ABLATION = ("distilled-17900-ns8", "distilled-17900-ns8-g3", "distilled-17900-ns8-r32",
+            "distilled-17900-ns4", "mixed-17900-ns8", "fixed-7000-ns8")  # fmt: skip
 
 
 def scored_tokens(data: str, n: int, base: str) -> int:
@@ -194,11 +203,18 @@ def restore(name: str) -> None:
         raise SystemExit(f"error: {e}") from None
 
 
+def recipe(record: dict) -> str:
+    """The point's data source and stream shape, e.g. "permissive / 4 / 8 / 8"."""
+    st = {**BASE_ARGS, **record["settings"]}
+    data = SOURCE_LABELS[record.get("data", "sharegpt")]
+    return f"{data} / {st['streams']} / {st['stream-layers']} / {st['adapter-rank']}"
+
+
 def report(records: list[dict], out: Path) -> None:
     G = max(r["settings"]["streams"] for r in records)
     head = ["point", "scored tokens", *(f"s{j} top-1 / top-3" for j in range(1, G + 1)),
-            "s1 echo", "tokens/pass (chain)", "tokens/pass (best 16-node tree)", "stream head",
-            "precision", "train min"]  # fmt: skip
+            "s1 echo", "tokens/pass (chain)", "tokens/pass (best 16-node tree)",
+            "data / gamma / Ns / rank", "stream head", "precision", "train min"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         e = r["eval"]
@@ -215,25 +231,28 @@ def report(records: list[dict], out: Path) -> None:
         # The tree column exists for points evaluated since the eval reports it.
         tree = e.get("tree_tokens_per_pass", {}).get("16")
         cells += [f"{e['stream1_echo']:.1%}", f"{1 + e['accepted_streams_mean']:.2f}",
-                  "-" if tree is None else f"{tree:.2f}",
+                  "-" if tree is None else f"{tree:.2f}", recipe(r),
                   head, precision, minutes]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     write_text(out / "stream_ablation.md", "\n".join(lines) + "\n")
     write_json(out / "stream_ablation.json", records)
     curves = {
-        label: sorted((r for r in records  # one curve a recipe: no variants of a size
-                       if r["point"].startswith(prefix) and not r["point"].endswith("vocab")),
+        label: sorted((r for r in records if re.fullmatch(pattern, r["point"])),
                       key=lambda r: r["scored_tokens"])
-        for prefix, label in (("size-", "fixed text, Ns 4"), ("distilled-", "self-distilled, Ns 8"))
+        for pattern, label in CURVES.items()
     }  # fmt: skip
     curves = {label: rs for label, rs in curves.items() if len(rs) >= 2}
+    by_point = {r["point"]: r for r in records}
+    ablation = [by_point[p] for p in ABLATION if p in by_point]
     if curves:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        panels = 2 if len(ablation) >= 2 else 1
+        fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.8), squeeze=False)
+        ax = axes[0][0]
         for (label, rs), style in zip(curves.items(), ("o-", "s--"), strict=False):
             x = [r["scored_tokens"] for r in rs]
             for j in range(1, G + 1):
@@ -244,7 +263,22 @@ def report(records: list[dict], out: Path) -> None:
         ax.set_ylabel("held-out top-1 (%)")
         ax.set_title("SmolLM2-135M streams: held-out accuracy vs data")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
+        if panels == 2:
+            ax = axes[0][1]
+            width = 0.8 / G
+            for j in range(1, G + 1):
+                xs = [i + (j - 1 - (G - 1) / 2) * width for i in range(len(ablation))]
+                ax.bar(xs, [100 * r["eval"].get(f"stream{j}_acc", 0) for r in ablation], width,
+                       color=f"C{j - 1}", label=f"stream {j} top-1")  # fmt: skip
+            ax.set_xticks(range(len(ablation)),
+                          [f"{r['point']}\n{r['scored_tokens'] / 1e6:.2f}M tokens"
+                           for r in ablation], fontsize=7, rotation=20)  # fmt: skip
+            ax.set_ylabel("held-out top-1 (%)")
+            ax.set_title("ablation at the largest size (one setting changed each)")
+            ax.grid(alpha=0.3, axis="y")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
         savefig(fig, out / "stream_ablation.png")
     print("\n".join(lines))
 

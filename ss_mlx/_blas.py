@@ -19,9 +19,12 @@ _CANDIDATES = (
 
 
 def preload_blas() -> str | None:
-    """Load OpenBLAS globally on Linux; return its path, or None when nothing was loaded.
+    """Load OpenBLAS globally on Linux; return what was loaded, or None when nothing was.
 
-    `SS_MLX_BLAS=off` disables it; `SS_MLX_BLAS=/path/lib.so` picks a library.
+    `SS_MLX_BLAS=off` disables it; `SS_MLX_BLAS=/path/lib.so` picks a library, and a list
+    joined by ":" loads each in order, the first to define a symbol serving it: e.g. BLIS for
+    `cblas_sgemm` (faster at one row on some x86 CPUs) and OpenBLAS behind it for the LAPACK
+    routines MLX's linalg calls, which BLIS lacks.
     """
     if not sys.platform.startswith("linux"):
         return None
@@ -31,15 +34,24 @@ def preload_blas() -> str | None:
     if "mlx.core" in sys.modules:
         # Too late to interpose; MLX already bound its symbols.
         return None
-    paths = [choice] if choice else [*_CANDIDATES, ctypes.util.find_library("openblas")]
-    for path in paths:
-        if path and (os.path.isabs(path) is False or os.path.exists(path)):
-            try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-                return path
-            except OSError:
-                continue
+    if choice:
+        loaded = [path for path in choice.split(os.pathsep) if path and _load(path)]
+        return os.pathsep.join(loaded) or None
+    for path in [*_CANDIDATES, ctypes.util.find_library("openblas")]:
+        if path and _load(path):
+            return path
     return None
+
+
+def _load(path: str) -> bool:
+    # A bare name ("libopenblas.so.0") is the loader's to find; an absolute path must exist.
+    if os.path.isabs(path) and not os.path.exists(path):
+        return False
+    try:
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        return False
+    return True
 
 
 BLAS_PATH = preload_blas()

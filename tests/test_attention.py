@@ -26,15 +26,15 @@ def test_stream_mask_literal():
     # Two nodes (node 1 child of node 0), two streams.
     main = mx.array([[1, 0], [1, 1]], dtype=mx.bool_)
     m = np.array(stream_mask(main, 2)).astype(int)
-    # columns: main0 main1 s(0,1) s(0,2) s(1,1) s(1,2)
+    # columns: main0 main1, then stream-major: s1(node0) s1(node1) s2(node0) s2(node1)
     expected = np.array(
         [
             [1, 0, 0, 0, 0, 0],  # main 0
             [1, 1, 0, 0, 0, 0],  # main 1: never sees streams
-            [1, 0, 1, 0, 0, 0],  # stream (0,1): node 0 and itself
-            [1, 0, 1, 1, 0, 0],  # stream (0,2): node 0, streams 1..2 of node 0
-            [1, 1, 0, 0, 1, 0],  # stream (1,1): ancestors + node 1, itself
-            [1, 1, 0, 0, 1, 1],  # stream (1,2)
+            [1, 0, 1, 0, 0, 0],  # stream 1 of node 0: node 0 and itself
+            [1, 1, 0, 1, 0, 0],  # stream 1 of node 1: ancestors + node 1, itself
+            [1, 0, 1, 0, 1, 0],  # stream 2 of node 0: node 0, streams 1..2 of node 0
+            [1, 1, 0, 1, 0, 1],  # stream 2 of node 1
         ]
     )
     np.testing.assert_array_equal(m, expected)

@@ -176,7 +176,7 @@ def test_tree_step_without_streams_keeps_main_logits():
             outs.append(np.array(tree_pass(m, *args)[0]))
         else:
             out = m.tree_step(*args, depth)
-            assert out.streams.shape[:2] == (spec.num_nodes, 0)
+            assert out.streams.shape[:2] == (0, spec.num_nodes)  # (depth, T)
             outs.append(np.array(out.main_logits))
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
 

@@ -19,8 +19,9 @@ from .attention import rope_at
 class StreamRows(NamedTuple):
     """How the stream rows of a hidden-state matrix are laid out, and their adapters.
 
-    Rows [n_main, n_main + T*G) are streams, ordered (node, stream). `adapters` maps a module
-    path (e.g. "self_attn.q_proj") to (a (G, in, r), b (G, r, out)).
+    Rows [n_main, n_main + G*T) are streams, stream-major (stream j's rows for every node, then
+    stream j + 1's). `adapters` maps a module path (e.g. "self_attn.q_proj") to (a (G, in, r),
+    b (G, r, out)).
     """
 
     n_main: int
@@ -29,31 +30,40 @@ class StreamRows(NamedTuple):
     scale: float
 
 
-def _linear(module: nn.Module, x: mx.array, name: str, rows: StreamRows | None) -> mx.array:
-    """module(x), plus the stream-only low-rank adapter of `name` on stream rows."""
-    y = module(x)
-    if rows is None or name not in rows.adapters:
+def _stream_part(x: mx.array, rows: StreamRows | None) -> mx.array | None:
+    """The stream rows of x (1, L, in) as (G, T, in), when any adapter will read them."""
+    if rows is None or not rows.adapters:
+        return None
+    return x[0, rows.n_main :].reshape(rows.num_streams, -1, x.shape[-1])
+
+
+def _linear(
+    module: nn.Module, x: mx.array, xs: mx.array | None, name: str, rows: StreamRows | None
+) -> mx.array:
+    """module(x), plus the stream-only low-rank adapter of `name` on the stream rows xs (G, T,
+    in) of x (`_stream_part`; one slice serves the modules that share an input)."""
+    y = module(x)  # (1, L, out)
+    if xs is None or name not in rows.adapters:
         return y
     a, b = rows.adapters[name]
-    G = rows.num_streams
-    xs = x[0, rows.n_main :]  # (T*G, in)
-    T = xs.shape[0] // G
-    xs = xs.reshape(T, G, -1).transpose(1, 0, 2)  # (G, T, in)
-    delta = ((xs @ a.astype(xs.dtype)) @ b.astype(xs.dtype)) * rows.scale  # (G, T, out)
-    delta = delta.transpose(1, 0, 2).reshape(T * G, -1)
-    return mx.concatenate([y[:, : rows.n_main], y[:, rows.n_main :] + delta[None]], axis=1)
+    u = (xs @ a.astype(xs.dtype)) * rows.scale  # (G, T, r)
+    delta = (u @ b.astype(xs.dtype)).reshape(1, -1, y.shape[-1])  # (1, G*T, out)
+    # Zero rows in front of the streams' delta: one add over every row instead of splitting y
+    # and joining it again (main rows + 0.0 stay exactly what they were).
+    return y + mx.pad(delta, [(0, 0), (rows.n_main, 0), (0, 0)])
 
 
 def _qkv(attn: nn.Module, x: mx.array, rows: StreamRows | None):
+    xs = _stream_part(x, rows)
     if hasattr(attn, "qkv_proj"):
-        qkv = _linear(attn.qkv_proj, x, "self_attn.qkv_proj", rows)
+        qkv = _linear(attn.qkv_proj, x, xs, "self_attn.qkv_proj", rows)
         hd = qkv.shape[-1] // (attn.n_heads + 2 * attn.n_kv_heads)
         q_size, kv_size = attn.n_heads * hd, attn.n_kv_heads * hd
         return mx.split(qkv, [q_size, q_size + kv_size], axis=-1)
     return (
-        _linear(attn.q_proj, x, "self_attn.q_proj", rows),
-        _linear(attn.k_proj, x, "self_attn.k_proj", rows),
-        _linear(attn.v_proj, x, "self_attn.v_proj", rows),
+        _linear(attn.q_proj, x, xs, "self_attn.q_proj", rows),
+        _linear(attn.k_proj, x, xs, "self_attn.k_proj", rows),
+        _linear(attn.v_proj, x, xs, "self_attn.v_proj", rows),
     )
 
 
@@ -100,18 +110,21 @@ def attention(
     else:
         out = sdpa(q, k_main, v_main, scale=attn.scale, mask=mask)
     out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-    return _linear(attn.o_proj, out, "self_attn.o_proj", rows)
+    return _linear(attn.o_proj, out, _stream_part(out, rows), "self_attn.o_proj", rows)
 
 
 def mlp(module: nn.Module, x: mx.array, rows: StreamRows | None) -> mx.array:
     if rows is None or not any(n.startswith("mlp.") for n in rows.adapters):
         return module(x)
+    xs = _stream_part(x, rows)
     if hasattr(module, "gate_up_proj"):
-        gate, up = mx.split(_linear(module.gate_up_proj, x, "mlp.gate_up_proj", rows), 2, axis=-1)
+        gate_up = _linear(module.gate_up_proj, x, xs, "mlp.gate_up_proj", rows)
+        gate, up = mx.split(gate_up, 2, axis=-1)
     else:
-        gate = _linear(module.gate_proj, x, "mlp.gate_proj", rows)
-        up = _linear(module.up_proj, x, "mlp.up_proj", rows)
-    return _linear(module.down_proj, swiglu(gate, up), "mlp.down_proj", rows)
+        gate = _linear(module.gate_proj, x, xs, "mlp.gate_proj", rows)
+        up = _linear(module.up_proj, x, xs, "mlp.up_proj", rows)
+    act = swiglu(gate, up)
+    return _linear(module.down_proj, act, _stream_part(act, rows), "mlp.down_proj", rows)
 
 
 def block(

@@ -19,16 +19,17 @@ def stream_mask(main_mask: mx.array, num_streams: int) -> mx.array:
     """The attention mask of a stream layer over [main rows ; stream rows].
 
     main_mask: (T, T) bool, main row i may see main row k (tree ancestors + self, or causal).
-    Returns (T + T*G, T + T*G) bool, rows/columns ordered [main_0..main_{T-1}, stream (0,1),
-    (0,2), ..., (T-1,G)]. Main rows never see streams; stream (i, j) sees what main row i sees
-    plus streams (i, 1..j).
+    Returns (T + G*T, T + G*T) bool, rows/columns ordered [main_0..main_{T-1}, stream 1 of
+    nodes 0..T-1, stream 2 of nodes 0..T-1, ...] (stream-major: the rows of one stream are
+    contiguous, so its adapter applies to them without a transpose). Main rows never see
+    streams; stream j of node i sees what main row i sees plus streams 1..j of node i.
     """
     T, G = main_mask.shape[0], num_streams
-    top = mx.concatenate([main_mask, mx.zeros((T, T * G), dtype=mx.bool_)], axis=1)
-    from_main = mx.repeat(main_mask, G, axis=0)  # (T*G, T)
-    same_node = mx.eye(T, dtype=mx.bool_)[:, None, :, None]  # (T, 1, T, 1)
-    lower = mx.tril(mx.ones((G, G), dtype=mx.bool_))[None, :, None, :]  # (1, G, 1, G)
-    among_streams = (same_node & lower).reshape(T * G, T * G)
+    top = mx.concatenate([main_mask, mx.zeros((T, G * T), dtype=mx.bool_)], axis=1)
+    from_main = mx.tile(main_mask, (G, 1))  # (G*T, T)
+    lower = mx.tril(mx.ones((G, G), dtype=mx.bool_))[:, None, :, None]  # (G, 1, G, 1)
+    same_node = mx.eye(T, dtype=mx.bool_)[None, :, None, :]  # (1, T, 1, T)
+    among_streams = (lower & same_node).reshape(G * T, G * T)
     bottom = mx.concatenate([from_main, among_streams], axis=1)
     return mx.concatenate([top, bottom], axis=0)
 

@@ -46,7 +46,8 @@ FUSED_HEAD_MAX_ROWS = 24
 
 class TreeOutput(NamedTuple):
     """One tree pass: main logits (T, V) and the streams' draft source for any node, either
-    their logits (T, depth, V) when the head was fused, or their hidden states (T, depth, D)."""
+    their logits (depth, T, V) when the head was fused, or their hidden states (depth, T, D)
+    (stream-major, as the pass computes them; `SSModel.stream_logits_at` picks one node's)."""
 
     main_logits: mx.array
     streams: mx.array
@@ -110,8 +111,8 @@ class SSModel(nn.Module):
         tokens, positions: (T,); main_mask: (T, T) bool (tree ancestors + self, or causal).
         G = `num_streams` (default: all). Stream j sees only streams 1..j of its node, so
         streams 1..G come out the same whether or not the later ones are computed.
-        Returns main hidden states (1, T, D) and stream hidden states (1, T*G, D), both before
-        the final norm.
+        Returns main hidden states (1, T, D) and stream hidden states (1, G*T, D), stream-major
+        (row j*T + t: stream j of token t), both before the final norm.
         """
         T = tokens.shape[0]
         G = self.num_streams if num_streams is None else num_streams
@@ -154,16 +155,17 @@ class SSModel(nn.Module):
         """
         main, streams = self._forward(tokens, positions, ancestor_mask, cache, depth)
         T = tokens.shape[0]
-        streams = streams[0].reshape(T, depth, main.shape[-1])  # (T, depth, D)
         if depth > 0 and T * (1 + depth) <= FUSED_HEAD_MAX_ROWS:
-            rows = mx.concatenate([main[0], streams.reshape(T * depth, -1)], axis=0)
-            logits = self.head(rows)
-            return TreeOutput(logits[:T], self._draft_only(logits[T:]).reshape(T, depth, -1), True)
-        return TreeOutput(self.head(main[0]), streams, False)
+            logits = self.head(mx.concatenate([main[0], streams[0]], axis=0))  # (T + depth*T, V)
+            draft = self._draft_only(logits[T:]).reshape(depth, T, -1)  # (depth, T, V)
+            return TreeOutput(logits[:T], draft, True)
+        D = main.shape[-1]
+        return TreeOutput(self.head(main[0]), streams[0].reshape(depth, T, D), False)
 
     def stream_logits_at(self, out: TreeOutput, node: mx.array) -> mx.array:
         """The draft logits (depth, V) of the streams of one node of a tree pass."""
-        return out.streams[node] if out.fused else self.stream_head(out.streams[node])
+        at = out.streams[:, node]  # (depth, V) or (depth, D)
+        return at if out.fused else self.stream_head(at)
 
     def full_forward(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
         """Every position with its streams, no cache (the training-time computation).
@@ -175,7 +177,9 @@ class SSModel(nn.Module):
         L = tokens.shape[1]
         causal = mx.tril(mx.ones((L, L), dtype=mx.bool_))
         main, streams = self._forward(tokens[0], mx.arange(L), causal, None)
-        return self.head(main), self.stream_head(streams).reshape(1, L, self.num_streams, -1)
+        G = self.num_streams
+        streams = streams[0].reshape(G, L, -1).transpose(1, 0, 2)  # (L, G, D)
+        return self.head(main), self.stream_head(streams)[None]
 
     def exit_logits(self, tokens: mx.array) -> mx.array:
         """Early-exit logits at the stream insertion point (needs `prune_rank` > 0).

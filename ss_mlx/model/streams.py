@@ -23,17 +23,18 @@ def insert_streams(
     h: (1, T, D) main hidden states at layer N - Ns; positions: (T,); main_mask: (T, T) bool;
     stream_embeddings: (G, D); offsets: the G RoPE offsets of the streams from their token;
     context: cached positions every row sees.
-    Returns the rows [main ; streams] (1, T + T*G, D), their positions (T + T*G,) and the mask
-    of eq. 2 (T + T*G, context + T + T*G): main rows never see streams; stream (t, j) sees what
-    main row t sees plus streams (t, 1..j).
+    Returns the rows [main ; streams] (1, T + G*T, D), stream-major (row T + j*T + t is stream
+    j of token t), their positions (T + G*T,) and the mask of eq. 2 (T + G*T, context + T +
+    G*T): main rows never see streams; stream (t, j) sees what main row t sees plus streams
+    (t, 1..j).
     """
     T, G = h.shape[1], stream_embeddings.shape[0]
     P = stream_embeddings.astype(h.dtype)  # (G, D)
-    s = (h[0, :, None, :] + P[None]).reshape(1, T * G, -1)  # (1, T*G, D)
-    rows = mx.concatenate([h, s], axis=1)  # (1, T + T*G, D)
+    s = (P[:, None, :] + h[0][None]).reshape(1, G * T, -1)  # (1, G*T, D)
+    rows = mx.concatenate([h, s], axis=1)  # (1, T + G*T, D)
     shift = mx.array(offsets[:G], dtype=positions.dtype)  # (G,)
-    stream_pos = (positions[:, None] + shift[None]).reshape(-1)  # (T*G,)
-    all_pos = mx.concatenate([positions, stream_pos])  # (T + T*G,)
+    stream_pos = (shift[:, None] + positions[None]).reshape(-1)  # (G*T,)
+    all_pos = mx.concatenate([positions, stream_pos])  # (T + G*T,)
     return rows, all_pos, with_context(stream_mask(main_mask, G), context)
 
 

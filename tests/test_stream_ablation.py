@@ -80,12 +80,13 @@ def test_a_points_epochs_set_its_steps_and_are_no_trainer_flag(tmp_path, monkeyp
     monkeypatch.setattr(mod.subprocess, "run", fake_run)
     distilled = tmp_path / "distilled"
     distilled.mkdir()
-    manifest = {"format": "ss-mlx-distilled-shards", "totals": {"records": 5000}}
+    manifest = {"format": "ss-mlx-distilled-shards", "totals": {"records": 20000}}
     (distilled / "manifest.json").write_text(json.dumps(manifest))
     sources = {"sharegpt": str(tmp_path / "d.jsonl"), "permissive": str(distilled),
                "mixed": f"{tmp_path / 'nothing'},{distilled}"}  # fmt: skip
-    points = (("size-7000-ns8", 7000 // 4), ("size-2100", 2 * 2100 // 4),
-              ("distilled-900-ns8", 2 * 900 // 4), ("soft-ns8", 2 * 2100 // 4))  # fmt: skip
+    points = (("distilled-17900-ns8", 17900 // 4), ("size-2100", 2 * 2100 // 4),
+              ("distilled-900-ns8", 2 * 900 // 4), ("distilled-1750-ns8-soft", 2 * 1750 // 4),
+              ("fixed-7000-ns8", 7000 // 4))  # fmt: skip
     for name, steps in points:
         with pytest.raises(RuntimeError, match="stop before"):
             mod.run_point(name, "base", sources, tmp_path / "e.jsonl", tmp_path)
@@ -94,18 +95,55 @@ def test_a_points_epochs_set_its_steps_and_are_no_trainer_flag(tmp_path, monkeyp
         assert "--epochs" not in cmd
     assert seen[0][seen[0].index("--stream-layers") + 1] == "8"
     # "data" picks the source and is no trainer flag either.
-    assert seen[1][seen[1].index("--data") + 1] == str(sources["sharegpt"])
-    assert seen[2][seen[2].index("--data") + 1] == str(distilled)
-    assert seen[2].count("--data") == 1
-    assert [c[c.index("--targets") + 1] for c in seen] == ["base", "base", "base", "soft"]
+    assert [c[c.index("--data") + 1] for c in seen] == [
+        str(distilled), sources["sharegpt"], str(distilled), str(distilled), sources["sharegpt"]]
+    assert all(c.count("--data") == 1 for c in seen)
+    assert [c[c.index("--targets") + 1] for c in seen] == ["base", "base", "base", "soft", "base"]
     assert all(c.count("--targets") == 1 for c in seen)
-    # One epoch: no trunk cache (it would save nothing); the distilled points' draft vocabulary.
-    assert [c[c.index("--cache-hidden") + 1] for c in seen] == ["off", "on", "on", "on"]
-    assert seen[2][seen[2].index("--draft-vocab") + 1] == "16384" and "--draft-vocab" not in seen[1]
+    # One epoch: no trunk cache (it would save nothing); the distilled points' draft vocabulary,
+    # which the fixed-text variant of the largest point keeps (one setting changed).
+    assert [c[c.index("--cache-hidden") + 1] for c in seen] == ["off", "on", "on", "on", "off"]
+    assert seen[0][seen[0].index("--draft-vocab") + 1] == "16384" and "--draft-vocab" not in seen[1]
+    assert seen[4][seen[4].index("--draft-vocab") + 1] == "16384"
     # Counted over all the folders of a source.
-    with pytest.raises(SystemExit, match="needs 5200 distilled rows, mixed has 5000"):
-        mod.run_point("mixed-5200-ns8", "base", sources, tmp_path / "e.jsonl", tmp_path)
+    manifest["totals"]["records"] = 5000
+    (distilled / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match="needs 17900 distilled rows, mixed has 5000"):
+        mod.run_point("mixed-17900-ns8", "base", sources, tmp_path / "e.jsonl", tmp_path)
     # A point never trains on fewer distilled rows than it names.
     with pytest.raises(SystemExit, match="needs 5200 distilled rows, permissive has 5000"):
         mod.run_point("distilled-5200-ns8", "base", sources, tmp_path / "e.jsonl", tmp_path)
-    assert len(seen) == 4
+    assert len(seen) == 5
+
+
+def _record(point: str, tokens: int, s1: float, **settings) -> dict:
+    st = {"streams": 4, "stream-layers": 8, "adapter-rank": 8, **settings}
+    ev = {"stream1_echo": 0.1, "accepted_streams_mean": 0.5}
+    for j in range(1, st["streams"] + 1):
+        ev[f"stream{j}_acc"], ev[f"stream{j}_top3"] = s1 / j, 2 * s1 / j
+    data = "sharegpt" if point.startswith(("size", "fixed")) else "permissive"
+    return {"point": point, "data": data, "scored_tokens": tokens, "settings": st,
+            "wall_s": 600, "eval": ev}  # fmt: skip
+
+
+def test_report_names_each_points_recipe_and_plots_curves_and_ablation(tmp_path, monkeypatch):
+    mod = _module(tmp_path, monkeypatch)
+    records = [_record("size-200", 55_000, 0.15, **{"stream-layers": 4}),
+               _record("size-400", 110_000, 0.2, **{"stream-layers": 4}),
+               _record("distilled-900-ns8", 100_000, 0.3),
+               _record("distilled-17900-ns8", 2_000_000, 0.5),
+               _record("distilled-17900-ns8-g3", 2_000_000, 0.45, streams=3),
+               _record("fixed-7000-ns8", 2_000_000, 0.4)]  # fmt: skip
+    mod.report(records, tmp_path)
+    md = (tmp_path / "stream_ablation.md").read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines()[2:]}
+    assert "| self-distilled / 3 / 8 / 8 |" in rows["distilled-17900-ns8-g3"]
+    assert "| ShareGPT text / 4 / 4 / 8 |" in rows["size-200"]
+    assert "| ShareGPT text / 4 / 8 / 8 |" in rows["fixed-7000-ns8"]
+    # A 3-stream point has no stream-4 cell.
+    assert rows["distilled-17900-ns8-g3"].count("| - |") >= 1
+    # The scaling curves hold only the size points of one recipe (no variant of a size).
+    curves = {label: [r["point"] for r in rs] for label, rs in mod.scaling_curves(records).items()}
+    assert curves == {"fixed text, Ns 4": ["size-200", "size-400"],
+                      "self-distilled, Ns 8": ["distilled-900-ns8", "distilled-17900-ns8"]}
+    assert (tmp_path / "stream_ablation.png").read_bytes()[:4] == b"\x89PNG"

@@ -210,6 +210,16 @@ def recipe(record: dict) -> str:
     return f"{data} / {st['streams']} / {st['stream-layers']} / {st['adapter-rank']}"
 
 
+def scaling_curves(records: list[dict]) -> dict[str, list[dict]]:
+    """label -> the points of that curve (`CURVES`) by size; curves of two points or more."""
+    curves = {
+        label: sorted((r for r in records if re.fullmatch(pattern, r["point"])),
+                      key=lambda r: r["scored_tokens"])
+        for pattern, label in CURVES.items()
+    }  # fmt: skip
+    return {label: rs for label, rs in curves.items() if len(rs) >= 2}
+
+
 def report(records: list[dict], out: Path) -> None:
     G = max(r["settings"]["streams"] for r in records)
     head = ["point", "scored tokens", *(f"s{j} top-1 / top-3" for j in range(1, G + 1)),
@@ -236,12 +246,7 @@ def report(records: list[dict], out: Path) -> None:
         lines.append("| " + " | ".join(cells) + " |")
     write_text(out / "stream_ablation.md", "\n".join(lines) + "\n")
     write_json(out / "stream_ablation.json", records)
-    curves = {
-        label: sorted((r for r in records if re.fullmatch(pattern, r["point"])),
-                      key=lambda r: r["scored_tokens"])
-        for pattern, label in CURVES.items()
-    }  # fmt: skip
-    curves = {label: rs for label, rs in curves.items() if len(rs) >= 2}
+    curves = scaling_curves(records)
     by_point = {r["point"]: r for r in records}
     ablation = [by_point[p] for p in ABLATION if p in by_point]
     if curves:

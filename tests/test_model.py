@@ -191,3 +191,27 @@ def test_dtype_cast_keeps_integer_stream_positions():
     cast_model(m, mx.float16)
     main, _ = m.full_forward(TOKENS)
     assert main.dtype == mx.float16
+
+
+def test_prepared_adapters_follow_replaced_parameters():
+    """The adapters a pass uses (sliced, scaled, cast once per layer, stream count and dtype)
+    are rebuilt when the parameters behind them are replaced."""
+    a = tiny_ss_model("llama", adapter_rank=4)
+    b = with_streams(a, seed=7)
+    before = np.array(a.full_forward(TOKENS)[1])  # prepares a's adapters
+    a.streams.stream_embeddings = b.streams.stream_embeddings
+    for layer, mods in b.streams.adapters.items():
+        a.streams.adapters[layer] = dict(mods)
+    after = np.array(a.full_forward(TOKENS)[1])
+    np.testing.assert_array_equal(after, np.array(b.full_forward(TOKENS)[1]))
+    assert not np.allclose(before, after)
+    # The activations' dtype decides the adapters' dtype; G slices the streams.
+    layer = a.first_stream_layer
+    for dtype in (mx.float32, mx.float16):
+        rows = a.streams.rows(layer, 1, 2, dtype)
+        assert all(t.dtype == dtype for pair in rows.adapters.values() for t in pair)
+        assert all(pair[0].shape[0] == 2 for pair in rows.adapters.values())
+    # Scaled once: a's `a` matrices carry the adapter scale (0.5 in the tiny config).
+    name, (a_raw, _) = next(iter(a.streams.adapters[layer].items()))
+    ready = a.streams.rows(layer, 1, None, mx.float32).adapters[name][0]
+    np.testing.assert_allclose(np.array(ready), 0.5 * np.array(a_raw), rtol=1e-6)

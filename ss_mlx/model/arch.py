@@ -21,13 +21,13 @@ class StreamRows(NamedTuple):
 
     Rows [n_main, n_main + G*T) are streams, stream-major (stream j's rows for every node, then
     stream j + 1's). `adapters` maps a module path (e.g. "self_attn.q_proj") to (a (G, in, r),
-    b (G, r, out)).
+    b (G, r, out)), `a` already scaled by the adapter scale and both in the activations' dtype
+    (`StreamParams.rows`).
     """
 
     n_main: int
     num_streams: int
     adapters: dict[str, tuple[mx.array, mx.array]]
-    scale: float
 
 
 def _stream_part(x: mx.array, rows: StreamRows | None) -> mx.array | None:
@@ -46,8 +46,7 @@ def _linear(
     if xs is None or name not in rows.adapters:
         return y
     a, b = rows.adapters[name]
-    u = (xs @ a.astype(xs.dtype)) * rows.scale  # (G, T, r)
-    delta = (u @ b.astype(xs.dtype)).reshape(1, -1, y.shape[-1])  # (1, G*T, out)
+    delta = ((xs @ a) @ b).reshape(1, -1, y.shape[-1])  # (1, G*T, out)
     # Zero rows in front of the streams' delta: one add over every row instead of splitting y
     # and joining it again (main rows + 0.0 stay exactly what they were).
     return y + mx.pad(delta, [(0, 0), (rows.n_main, 0), (0, 0)])

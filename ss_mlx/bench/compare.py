@@ -357,8 +357,8 @@ def main(argv: list[str] | None = None) -> None:
         report = compare_task(
             args.task, models, n=args.n, max_tokens=args.max_tokens, tree=args.tree,
             medusa_tree=args.medusa_tree, num_draft=args.num_draft, dynamic=args.dynamic,
-            warmup=args.warmup,
-            repeats=args.repeats, root=args.data_root, progress=not args.no_progress)
+            warmup=args.warmup, repeats=args.repeats, root=args.data_root,
+            progress=not args.no_progress)
     except (ValueError, DatasetError) as e:
         sys.exit(f"ss-mlx compare: error: {e}")
     text = format_task(report)

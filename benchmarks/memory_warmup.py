@@ -1,17 +1,19 @@
 """How the dynamic tree's output memory pays off as a process serves more prompts of one task.
 
     python benchmarks/memory_warmup.py [--sets e2e,dialogsum] [--n 32] [--block 8]
-        [--max-tokens 64] [--out DIR]
+        [--max-tokens 64] [--seed S] [--out DIR]
 
 The dynamic tree drafts from the model's earlier outputs in this process (`OutputMemory`): a
 formulaic task (E2E's restaurant descriptions) repeats across prompts what no one context holds,
 so a server answering many such requests drafts better the longer it runs. Per set, one `ss-mlx
 bench` (mlx-lm AR and the dynamic tree, interleaved per prompt, one process, greedy, parity
-checked) over the first n prompts in the data set's order; each prompt's dynamic run starts from
-the memory of the prompts before it. Reported per block of `block` prompts: speedup over AR
+checked) over the first n prompts in the data set's order (or n drawn at random with --seed: a
+sorted file puts similar prompts side by side); each prompt's dynamic run starts from the memory
+of the prompts before it. Reported per block of `block` prompts: speedup over AR
 (decode tokens/s, first pass excluded) and tokens per pass, so the first block is the cold start
-and the later ones the warm memory. Writes memory_warmup.{md,json,png} (measurements only: the
-prompts and outputs stay in ../shared/data) under benchmarks/results/<machine>/ or --out.
+and the later ones the warm memory. Writes NAME.{md,json,png} (--name, default memory_warmup;
+measurements only: the prompts and outputs stay in ../shared/data) under
+benchmarks/results/<machine>/ or --out.
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ def run_set(name: str, args: argparse.Namespace) -> dict:
     dataset = SETS[name]
     if dataset.endswith(".jsonl"):
         dataset = str(data_root() / dataset)
+    seed = [] if args.seed is None else ["--seed", str(args.seed)]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.json"
         bench.main(["--dataset", dataset, "--n", str(args.n), "--max-tokens",
                     str(args.max_tokens), "--methods", "ar,ss", "--tree", "dynamic",
-                    "--warmup", "1", "--repeats", "1", "--json", str(path)])  # fmt: skip
+                    "--warmup", "1", "--repeats", "1", *seed, "--json", str(path)])  # fmt: skip
         return json.loads(path.read_text())
 
 
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=32, help="prompts per set (in the set's order)")
     p.add_argument("--block", type=int, default=8, help="prompts per reported block")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=None, help="draw the n prompts at random")
+    p.add_argument("--name", default="memory_warmup", help="output file stem")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     names = [s for s in args.sets.split(",") if s]
@@ -103,8 +108,9 @@ def main(argv: list[str] | None = None) -> None:
         report = run_set(name, args)
         results[name] = {"blocks": blocks(report, args.block), "bench": stripped(report)}
         subtitle = plot_subtitle(report.get("machine"))
-    lines = [f"Dynamic tree vs mlx-lm AR by block of {args.block} prompts (first n = {args.n} "
-             f"of each set in order, {args.max_tokens} tokens each, greedy, one process; each "
+    order = "in order" if args.seed is None else f"drawn at random, seed {args.seed}"
+    lines = [f"Dynamic tree vs mlx-lm AR by block of {args.block} prompts (n = {args.n} "
+             f"of each set, {order}, {args.max_tokens} tokens each, greedy, one process; each "
              "block's dynamic runs draft from the outputs of every prompt before them).", "",
              "| set | prompts | speedup vs AR | tokens/pass |", "|---|---|---:|---:|"]  # fmt: skip
     for name, res in results.items():
@@ -112,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(f"| {name} | {b['prompts'][0]}-{b['prompts'][1]} | "
                          f"{b['speedup']:.2f}x | {b['tokens_per_pass']:.2f} |")  # fmt: skip
     text = "\n".join(lines) + "\n"
-    write_text(out / "memory_warmup.md", text)
-    write_json(out / "memory_warmup.json", {"command": "python benchmarks/memory_warmup.py " +
+    write_text(out / f"{args.name}.md", text)
+    write_json(out / f"{args.name}.json", {"command": "python benchmarks/memory_warmup.py " +
                                             " ".join(argv if argv is not None else sys.argv[1:]),
                                             "sets": results})  # fmt: skip
     import matplotlib
@@ -136,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     fig.suptitle("Dynamic tree: drafting from earlier outputs as a process serves a task")
     fig.text(0.5, 0.01, subtitle, ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))
-    savefig(fig, out / "memory_warmup.png")
+    savefig(fig, out / f"{args.name}.png")
     print(text)
 
 

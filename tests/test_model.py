@@ -208,10 +208,10 @@ def test_prepared_adapters_follow_replaced_parameters():
     # The activations' dtype decides the adapters' dtype; G slices the streams.
     layer = a.first_stream_layer
     for dtype in (mx.float32, mx.float16):
-        rows = a.streams.rows(layer, 1, 2, dtype)
+        rows = a.streams.rows(layer, 1, dtype, 2)
         assert all(t.dtype == dtype for pair in rows.adapters.values() for t in pair)
         assert all(pair[0].shape[0] == 2 for pair in rows.adapters.values())
     # Scaled once: a's `a` matrices carry the adapter scale (0.5 in the tiny config).
     name, (a_raw, _) = next(iter(a.streams.adapters[layer].items()))
-    ready = a.streams.rows(layer, 1, None, mx.float32).adapters[name][0]
+    ready = a.streams.rows(layer, 1, mx.float32).adapters[name][0]
     np.testing.assert_allclose(np.array(ready), 0.5 * np.array(a_raw), rtol=1e-6)

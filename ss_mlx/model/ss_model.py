@@ -134,7 +134,7 @@ class SSModel(nn.Module):
             h, positions, main_mask, self.streams.stream_embeddings[:G], self._offsets, context
         )  # (1, T + T*G, D), (T + T*G,), (T + T*G, context + T + T*G)
         for i in range(self.first_stream_layer, self.num_layers):
-            rows = self.streams.rows(i, T, G, x.dtype)
+            rows = self.streams.rows(i, T, x.dtype, G)
             x = arch.block(layers[i], x, all_pos, mask, cache[i], rows)
         return x[:, :T], x[:, T:]
 

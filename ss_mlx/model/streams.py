@@ -127,7 +127,7 @@ class StreamParams(nn.Module):
         self._ready = _ReadyAdapters()
 
     def rows(
-        self, layer: int, n_main: int, num_streams: int | None = None, dtype: mx.Dtype = mx.float32
+        self, layer: int, n_main: int, dtype: mx.Dtype, num_streams: int | None = None
     ) -> StreamRows:
         """The row layout of `layer` with the first `num_streams` streams (default: all), its
         adapters ready for activations of `dtype`."""
@@ -157,7 +157,7 @@ class _ReadyAdapters:
     scale, in the activations' dtype. A pass would otherwise slice, scale and cast every one of
     them again (~170 small ops of ~5 us each on a CPU, for a pass whose stream rows cost
     ~0.2 ms a layer beyond their matmuls). Kept per (layer, G, dtype) and rebuilt when the
-    parameters were replaced (a dtype cast or an update of the module swaps the arrays)."""
+    arrays behind them were replaced (checked by identity each pass)."""
 
     def __init__(self) -> None:
         self._store: dict[tuple, tuple[list[mx.array], dict[str, tuple[mx.array, mx.array]]]] = {}

@@ -5,14 +5,16 @@ statistics) are the same every epoch: compute them once per example, then later 
 the trainable part. Right padding means the valid positions of an example do not depend on what
 it is batched with, so entries are stored unpadded, per example.
 
-With a `path`, the cache is written there once every example of the run is in it (again when
-a later run on more of the data grows it), as safetensors (no pickles) with its key in the
-metadata, and a later run with the same key (base weights, data file, sequence length, stream
-layers, dtype) starts from it: an ablation over gamma, rank, steps or data prefixes pays for the
-trunk pass once. Only the state entering the first stream layer is kept (D values per token
-in the trunk's dtype; the other stream layers' inputs are recomputed from it by the base's own
-layers, Ns - 1 of N, at each lookup): 2.3 KB a token for SmolLM2 in fp32, 1 GB per ~450K
-tokens. Keep the file out of git.
+With a `path`, the cache is written there in parts, each holding the examples computed since the
+last write (`flush`, at every checkpoint and when an epoch has filled it): `path` itself, then
+`<stem>.1.safetensors`, `<stem>.2...`, as safetensors (no pickles) with the key in each part's
+metadata. A later run with the same key (base weights, data file, sequence length, stream
+layers, dtype) starts from every part: an ablation over gamma, rank, steps or data prefixes pays
+for the trunk pass once, and a one-epoch run cut short by the end of a job keeps what it had
+computed (a 2M-token epoch outlasts a three-hour job here). Only the state entering the first
+stream layer is kept (D values per token in the trunk's dtype; the other stream layers' inputs
+are recomputed from it by the base's own layers, Ns - 1 of N, at each lookup): 2.3 KB a token
+for SmolLM2 in fp32, 1 GB per ~450K tokens. Keep the files out of git.
 """
 
 from __future__ import annotations
@@ -44,44 +46,61 @@ class FrozenBaseCache:
         self._store: dict[int, tuple[torch.Tensor, ...]] = {}
         self.path = None if path is None else Path(path)
         self.key = key
-        self._on_disk = 0  # examples in the file at `path`
-        if self.path is not None and self.path.is_file() and self._load(self.path):
-            self._on_disk = len(self._store)
+        self._on_disk: set[int] = set()  # examples in the part files
+        self._parts = 0  # the next part's number
+        if self.path is not None:
+            for k, part in self._part_files():
+                self._parts = k + 1
+                self._on_disk.update(self._load(part))
+
+    def _part_files(self) -> list[tuple[int, Path]]:
+        """(number, file) of each part on disk, in order."""
+        assert self.path is not None
+        stem = self.path.name.removesuffix(".safetensors")
+        parts = [(0, self.path)] if self.path.is_file() else []
+        for f in self.path.parent.glob(f"{stem}.*.safetensors"):
+            k = f.name[len(stem) + 1 : -len(".safetensors")]
+            if k.isdigit():
+                parts.append((int(k), f))
+        return sorted(parts)
 
     @property
     def saved(self) -> bool:
-        return self._on_disk > 0
+        return bool(self._on_disk)
 
-    def save_if_complete(self, num_examples: int) -> bool:
-        """Write the cache to `path` once every example of this run is in it and the file holds
-        fewer (a run on a prefix of the data, then one on all of it); True when written now."""
-        n = len(self._store)
-        if self.path is None or n < num_examples or n <= self._on_disk:
-            return False
-        order = sorted(self._store)
-        lengths = torch.tensor([self._store[i][0].shape[0] for i in order], dtype=torch.int64)
+    def flush(self) -> int:
+        """Write the examples not yet on disk as the next part file; how many (0: nothing new)."""
+        if self.path is None or len(self._on_disk) == len(self._store):
+            return 0
+        new = sorted(set(self._store) - self._on_disk)
+        lengths = torch.tensor([self._store[i][0].shape[0] for i in new], dtype=torch.int64)
         tensors = {
-            "index": torch.tensor(order, dtype=torch.int64),
+            "index": torch.tensor(new, dtype=torch.int64),
             "lengths": lengths,
-            "states": torch.cat([self._store[i][0] for i in order]).contiguous(),
+            "states": torch.cat([self._store[i][0] for i in new]).contiguous(),
             **{
-                name: torch.cat([self._store[i][k] for i in order]).contiguous()
+                name: torch.cat([self._store[i][k] for i in new]).contiguous()
                 for k, name in ((1, "nll"), (2, "hit"), (3, "pred"), (4, "top_ids"), (5, "top_p"))
             },
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        stem = self.path.name.removesuffix(".safetensors")
+        part = self.path if self._parts == 0 else self.path.with_name(
+            f"{stem}.{self._parts}.safetensors")  # fmt: skip
+        part.parent.mkdir(parents=True, exist_ok=True)
         meta = {"key": self.key, "format": FORMAT}
-        atomic_write(self.path, lambda p: save_file(tensors, str(p), metadata=meta))
-        self._on_disk = n
-        return True
+        atomic_write(part, lambda p: save_file(tensors, str(p), metadata=meta))
+        self._parts += 1
+        self._on_disk.update(new)
+        return len(new)
 
-    def _load(self, path: Path) -> bool:
+    def _load(self, path: Path) -> set[int]:
+        """The examples of one part file, into the store (none from a damaged or foreign one)."""
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 if meta.get("key") != self.key or meta.get("format") != FORMAT:
                     print(f"{path}: trunk cache of other settings; recomputing it", file=sys.stderr)
-                    return False
+                    return set()
                 t = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
             store = {}
             a = b = 0  # offsets into the per-token (n) and per-target (n - 1) arrays
@@ -97,11 +116,14 @@ class FrozenBaseCache:
                 a, b = a + n, b + n - 1
             if a != t["states"].shape[0] or b != t["pred"].shape[0]:
                 raise ValueError("lengths do not add up")
-        except Exception as e:  # a damaged file is only a lost speed-up
-            print(f"{path}: unreadable trunk cache ({e}); recomputing it", file=sys.stderr)
-            return False
+        except Exception as e:  # a damaged part is only a lost speed-up
+            # Removed, or it would warn in every later run; flush writes its examples anew.
+            print(f"{path}: unreadable trunk cache ({e}); removing it, its examples are "
+                  "recomputed", file=sys.stderr)  # fmt: skip
+            path.unlink(missing_ok=True)
+            return set()
         self._store.update(store)
-        return True
+        return set(store)
 
     def __len__(self) -> int:
         return len(self._store)

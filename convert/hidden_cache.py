@@ -64,6 +64,12 @@ class FrozenBaseCache:
                 parts.append((int(k), f))
         return sorted(parts)
 
+    def holds_all(self, num_examples: int) -> bool:
+        """Whether examples 0..num_examples-1 are all in (a run on a prefix of the data may
+        find the cache holding others too)."""
+        return len(self._store) >= num_examples and all(
+            i in self._store for i in range(num_examples))  # fmt: skip
+
     @property
     def saved(self) -> bool:
         return bool(self._on_disk)

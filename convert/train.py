@@ -446,7 +446,8 @@ def _train(args: argparse.Namespace, env: DistEnv) -> TrainResult:
             tokens += int(batch["lengths"].sum())
         # Every example's trunk is in (an epoch is done): written at once, not at the next
         # checkpoint. (One process only: ranks fill different examples.)
-        if cache is not None and env.world == 1 and len(cache) >= len(examples) and cache.flush():
+        done_epoch = cache is not None and cache.holds_all(len(examples))
+        if done_epoch and env.world == 1 and cache.flush():
             _say(progress, f"trunk states of all {len(examples)} examples saved in "
                            f"{cache.path.parent}")  # fmt: skip
         if args.max_grad_norm > 0:
@@ -552,7 +553,11 @@ def _trunk_key(args: argparse.Namespace, core: nn.Module) -> str:
     """What fixes the cached trunk states: base weights, data file, tokenization, layers."""
     h = hashlib.sha256()
     model_dir = Path(args.model).expanduser()
-    files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("tokenizer*.json"))
+    # The base's weights and tokenizer; not the streams or Medusa heads an SS directory also
+    # holds (shipping new streams must not orphan the trunk states of the frozen base).
+    weights = [f for f in model_dir.glob("*.safetensors") if f.name not in (STREAMS_FILE,
+                                                                             MEDUSA_FILE)]
+    files = sorted(weights) + sorted(model_dir.glob("tokenizer*.json"))
     # A shards folder is fixed by its manifest, which lists every shard's sha256.
     files += [d / "manifest.json" if d.is_dir() else d for d in data_paths(args.data)]
     for f in files:

@@ -308,6 +308,17 @@ def test_trunk_cache_on_disk_is_reused_and_survives_damage(workdir, tmp_path, ca
     assert "unreadable" not in err and "trunk states of 24 examples" in err
 
 
+def test_trunk_cache_counts_a_prefix_run_complete_only_when_it_holds_the_prefix(tmp_path):
+    from ss_mlx_convert.hidden_cache import FrozenBaseCache
+
+    cache = FrozenBaseCache(tmp_path / "trunk-x.safetensors", "k")
+    entry = tuple(torch.zeros(2) for _ in range(6))
+    cache._store.update({i: entry for i in range(10, 20)})  # a longer run's examples
+    assert not cache.holds_all(5) and not cache.holds_all(20)
+    cache._store.update({i: entry for i in range(5)})
+    assert cache.holds_all(5) and not cache.holds_all(6)
+
+
 def test_trunk_cache_parts_outlive_a_run_cut_short(workdir, tmp_path, capfd):
     """One epoch (6 steps here) cut after 2 steps: its checkpoints keep the 8 trunks it had."""
     cache = tmp_path / "trunk"

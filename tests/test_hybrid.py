@@ -174,8 +174,9 @@ def test_measured_priors_replace_the_defaults_entry_by_entry():
     stats = HybridStats(4, 5, stream_prior=[0.3, None, 1.5, True],
                         lookup_first=[0.1, 0.2, "x", 0.4, 0.5, 0.99],
                         lookup_continue=[0.6, None])  # fmt: skip
+    last = STREAM_TOP1_PRIOR[min(3, len(STREAM_TOP1_PRIOR) - 1)]  # the 4th, or the last for later
     assert [r.value for r in stats.stream_top1] == pytest.approx(
-        [0.3, STREAM_TOP1_PRIOR[1], STREAM_TOP1_PRIOR[2], STREAM_TOP1_PRIOR[2]]
+        [0.3, STREAM_TOP1_PRIOR[1], STREAM_TOP1_PRIOR[2], last]
     )
     assert [r.value for r in stats.lookup_first] == pytest.approx(
         [0.1, 0.2, LOOKUP_FIRST_PRIOR[2], 0.4, 0.5, 0.98]  # a measured 0.99 is not certainty

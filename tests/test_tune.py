@@ -191,5 +191,5 @@ def test_cli_tunes_saves_and_the_tree_generates(tmp_path, monkeypatch, capsys):
 
     stats = dynamic_drafter(model)
     for d, p in enumerate(acc["top1_chain"]):
-        want = STREAM_TOP1_PRIOR[min(d, 2)] if p is None else min(p, 0.98)
+        want = STREAM_TOP1_PRIOR[min(d, len(STREAM_TOP1_PRIOR) - 1)] if p is None else min(p, 0.98)
         assert stats.stream_top1[d].value == pytest.approx(want)
